@@ -9,7 +9,6 @@ from editing_jax.data.world.edits import (
     generate_sample,
     render_edit,
 )
-from editing_jax.data.world.render import render
 from editing_jax.data.world.spec import Scene, SceneObject
 from editing_jax.data.world.verifier import ParsedScene, VerifierResult, parse, score, verify
 
@@ -25,7 +24,6 @@ __all__ = [
     "generate_edit",
     "generate_sample",
     "parse",
-    "render",
     "render_edit",
     "score",
     "verify",

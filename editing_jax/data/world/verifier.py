@@ -6,7 +6,7 @@ Parsing inverts the renderer's image model `image = background + alpha * (color 
    alpha-blend model explains the cell's pixels best, which also yields a per-pixel alpha (coverage) map;
 3. kind, size and style come from the rendered template whose coverage is closest (L2) to that alpha map.
 Blur and compression only perturb alpha, so parsing degrades gracefully. Coherence measures how much of the image
-is explained by the parsed objects (stray blobs and off-grid shapes lower it).
+is explained by the parsed objects: stray blobs and off-grid shapes lower it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ FOREGROUND_DISTANCE = 45.0
 MIN_OBJECT_FRACTION = 0.3
 # A parsed object is well formed when its template explains this fraction of its alpha mass (soft IoU).
 MIN_TEMPLATE_FIT = 0.5
-# The scene is coherent when parsed objects explain this fraction of foreground pixels and all fit.
-MIN_EXPLAINED = 0.95
+# The scene is coherent when stray foreground (outside every parsed object, after removing isolated pixels) covers at
+# most this fraction of one grid cell, and every object fits its template.
+MAX_STRAY_CELL_FRACTION = 0.01
 
 _COLOR_TABLE = np.asarray([spec.OBJECT_COLORS[c] for c in spec.COLORS], np.float32)  # [n_colors, 3]
 _TEMPLATE_KEYS = tuple((k, s, st) for k in spec.KINDS for s in spec.SIZES for st in spec.STYLES)
@@ -37,18 +38,20 @@ _TEMPLATE_KEYS = tuple((k, s, st) for k in spec.KINDS for s in spec.SIZES for st
 class ParsedScene:
     scene: spec.Scene
     template_fit: tuple[float, ...]  # Soft IoU of each parsed object with its template.
-    explained: float  # 1 - fraction of foreground pixels in stray blobs (not covered by any parsed object).
+    stray_pixels: int  # Foreground pixels in blobs not covered by any parsed object.
+    foreground_pixels: int
+    cell_area: float
 
     @property
     def coherent(self) -> bool:
-        return self.explained >= MIN_EXPLAINED and all(
-            f >= MIN_TEMPLATE_FIT for f in self.template_fit
-        )
+        stray_ok = self.stray_pixels <= MAX_STRAY_CELL_FRACTION * self.cell_area
+        return stray_ok and all(f >= MIN_TEMPLATE_FIT for f in self.template_fit)
 
     @property
     def coherence(self) -> float:
-        """Coherence in [0, 1]: explained foreground times the worst template fit."""
-        return float(self.explained * min(self.template_fit, default=1.0))
+        """Coherence in [0, 1]: explained fraction of the foreground times the worst template fit."""
+        explained = 1.0 - self.stray_pixels / max(self.foreground_pixels, 1)
+        return float(explained * min(self.template_fit, default=1.0))
 
 
 @functools.lru_cache(maxsize=8)
@@ -145,9 +148,13 @@ def parse(image: np.ndarray) -> ParsedScene:
         explained |= _dilate(grown)
     # Isolated foreground pixels (compression ringing, noise) are not blobs.
     stray = scipy.ndimage.binary_opening(foreground & ~explained)
-    total = foreground.sum()
-    explained_fraction = float(1.0 - stray.sum() / total) if total else 1.0
-    return ParsedScene(spec.Scene(background_name, tuple(objects)), tuple(fits), explained_fraction)
+    return ParsedScene(
+        scene=spec.Scene(background_name, tuple(objects)),
+        template_fit=tuple(fits),
+        stray_pixels=int(stray.sum()),
+        foreground_pixels=int(foreground.sum()),
+        cell_area=(size / 3.0) ** 2,
+    )
 
 
 def _soft_iou(template: np.ndarray, alpha: np.ndarray, sigma: float) -> float:
