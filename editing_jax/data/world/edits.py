@@ -32,13 +32,21 @@ class WorldConfig:
     def __post_init__(self):
         unknown = set(self.edit_types) - set(spec.EDIT_TYPES)
         if unknown or not self.edit_types:
-            raise ValueError(
-                f"edit_types must be a non-empty subset of {spec.EDIT_TYPES}, got {self.edit_types}"
-            )
+            raise ValueError(f"edit_types must be a non-empty subset of {spec.EDIT_TYPES}, got {self.edit_types}")
         if not 1 <= self.min_objects <= self.max_objects <= spec.MAX_OBJECTS:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {spec.MAX_OBJECTS}")
         if self.size < 24:
             raise ValueError(f"size must be at least 24 pixels, got {self.size}")
+
+    @classmethod
+    def from_config(cls, config) -> WorldConfig:
+        """Builds a WorldConfig from a `configs/world` ConfigDict (or any object with the same fields)."""
+        return cls(
+            size=int(config.size),
+            min_objects=int(config.min_objects),
+            max_objects=int(config.max_objects),
+            edit_types=tuple(config.edit_types),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +70,7 @@ class EditSample:
     source_image: np.ndarray  # uint8 [S, S, 3]
     target_image: np.ndarray  # uint8 [S, S, 3]
     edit_mask: np.ndarray  # bool [S, S]: pixels that differ between source and target
-    object_mask: (
-        np.ndarray
-    )  # bool [S, S]: edited object(s), source and target positions; background for bg edits
+    object_mask: np.ndarray  # bool [S, S]: edited object(s), source and target positions; background for bg edits
     keyword_span: tuple[int, int]  # [start, end) character span of `keyword` in `instruction`
     edit: Edit
 
@@ -170,9 +176,7 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 # Destination phrases for move ('to the top left').
-_TO_PHRASES = {
-    cell: "to the " + phrase.split(" ", 2)[2] for cell, phrase in spec.CELL_PHRASES.items()
-}
+_TO_PHRASES = {cell: "to the " + phrase.split(" ", 2)[2] for cell, phrase in spec.CELL_PHRASES.items()}
 
 
 def _choice(rng: np.random.Generator, items: Sequence):
@@ -373,8 +377,6 @@ def render_edit(edit: Edit, size: int) -> EditSample:
     )
 
 
-def generate_sample(
-    split: str, seed: int, index: int, config: WorldConfig = WorldConfig()
-) -> EditSample:
+def generate_sample(split: str, seed: int, index: int, config: WorldConfig = WorldConfig()) -> EditSample:
     """Sample `index` of `split`, rendered at `config.size`."""
     return render_edit(generate_edit(split, seed, index, config), config.size)

@@ -133,15 +133,11 @@ class Scene:
 
     def __post_init__(self):
         if self.background not in BACKGROUNDS:
-            raise ValueError(
-                f"unknown background {self.background!r}; valid: {', '.join(BACKGROUNDS)}"
-            )
+            raise ValueError(f"unknown background {self.background!r}; valid: {', '.join(BACKGROUNDS)}")
         cells = [o.cell for o in self.objects]
         if len(set(cells)) != len(cells):
             raise ValueError(f"two objects share a cell: {cells}")
-        object.__setattr__(
-            self, "objects", tuple(sorted(self.objects, key=lambda o: CELLS.index(o.cell)))
-        )
+        object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: CELLS.index(o.cell))))
 
     @property
     def free_cells(self) -> list[str]:

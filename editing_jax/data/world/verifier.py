@@ -58,9 +58,7 @@ class ParsedScene:
 def _templates(size: int, cell: str) -> tuple[tuple[slice, slice], np.ndarray]:
     """Cell box and template coverages [n_templates, h, w] restricted to that box."""
     rows, cols = render.cell_box(size, cell, margin=0)
-    stack = np.stack(
-        [render.coverage(size, cell, k, s, st)[rows, cols] for k, s, st in _TEMPLATE_KEYS]
-    )
+    stack = np.stack([render.coverage(size, cell, k, s, st)[rows, cols] for k, s, st in _TEMPLATE_KEYS])
     return (rows, cols), stack
 
 
@@ -75,9 +73,7 @@ def _cell_core(size: int, cell: str) -> tuple[slice, slice]:
     """Pixel slices of a cell shrunk so that no neighbour's anti-aliased edge reaches inside."""
     rows, cols = render.cell_box(size, cell, margin=0)
     inset = int(np.ceil(0.08 * size / 3.0))
-    return slice(rows.start + inset, rows.stop - inset), slice(
-        cols.start + inset, cols.stop - inset
-    )
+    return slice(rows.start + inset, rows.stop - inset), slice(cols.start + inset, cols.stop - inset)
 
 
 def _as_float_image(image: np.ndarray) -> np.ndarray:
@@ -93,10 +89,7 @@ def _as_float_image(image: np.ndarray) -> np.ndarray:
 
 def _parse_background(image: np.ndarray) -> tuple[str, np.ndarray]:
     size = image.shape[0]
-    scores = [
-        np.median(np.linalg.norm(image - render.background_image(size, b), axis=-1))
-        for b in spec.BACKGROUNDS
-    ]
+    scores = [np.median(np.linalg.norm(image - render.background_image(size, b), axis=-1)) for b in spec.BACKGROUNDS]
     best = spec.BACKGROUNDS[int(np.argmin(scores))]
     return best, render.background_image(size, best)
 
@@ -105,9 +98,7 @@ def _fit_color(pixels: np.ndarray, background: np.ndarray) -> tuple[int, np.ndar
     """Best palette color for pixels [n, 3] over background [n, 3]; returns (color index, alpha [n])."""
     direction = _COLOR_TABLE[:, None, :] - background[None]  # [n_colors, n, 3]
     offset = pixels[None] - background[None]  # [1, n, 3]
-    alpha = np.clip(
-        (offset * direction).sum(-1) / np.maximum((direction**2).sum(-1), 1e-6), 0.0, 1.0
-    )
+    alpha = np.clip((offset * direction).sum(-1) / np.maximum((direction**2).sum(-1), 1e-6), 0.0, 1.0)
     residual = ((offset - alpha[..., None] * direction) ** 2).sum(axis=(1, 2))  # [n_colors]
     best = int(np.argmin(residual))
     return best, alpha[best]
@@ -134,9 +125,7 @@ def parse(image: np.ndarray) -> ParsedScene:
         )
         direction = _COLOR_TABLE[color_index] - background[rows, cols]  # [h, w, 3]
         alpha = (image[rows, cols] - background[rows, cols]) * direction
-        alpha = np.clip(
-            alpha.sum(-1) / np.maximum((direction**2).sum(-1), 1e-6), 0.0, 1.0
-        )  # [h, w]
+        alpha = np.clip(alpha.sum(-1) / np.maximum((direction**2).sum(-1), 1e-6), 0.0, 1.0)  # [h, w]
         errors = ((stack - alpha[None]) ** 2).sum(axis=(1, 2))  # [n_templates]
         best = int(np.argmin(errors))
         template = stack[best]
@@ -191,9 +180,9 @@ def score(parsed: spec.Scene, target: spec.Scene) -> dict[str, bool]:
         found = by_cell.get(obj.cell)
         results[f"{obj.cell}.present"] = found is not None and found.composition != free
         for attribute in _OBJECT_ATTRIBUTES:
-            results[f"{obj.cell}.{attribute}"] = found is not None and getattr(
-                found, attribute
-            ) == getattr(obj, attribute)
+            results[f"{obj.cell}.{attribute}"] = found is not None and getattr(found, attribute) == getattr(
+                obj, attribute
+            )
         if found is not None:
             matched.add(found.cell)
     if free is not None:
@@ -214,9 +203,7 @@ class VerifierResult:
     attribute_accuracy: np.ndarray  # float: fraction of attributes right
     coherence: np.ndarray  # float in [0, 1]
     coherent: np.ndarray  # bool
-    preservation_l1: (
-        np.ndarray
-    )  # float: mean |image - source| / 255 outside the edit mask (nan without source)
+    preservation_l1: np.ndarray  # float: mean |image - source| / 255 outside the edit mask (nan without source)
     attributes: tuple[dict[str, bool], ...]
     parsed: tuple[spec.Scene, ...]
 

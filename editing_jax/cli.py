@@ -1,0 +1,218 @@
+"""The `editing-jax` command line. Thin: parses flags and calls library functions.
+
+Subcommands:
+  data generate   prepare a world dataset (tfds, array_record) plus a preview grid
+  data check      print the verifier self-check figures as one JSON line
+  verify          score an image against a target scene graph, as one JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from editing_jax import __version__, config_lib
+
+DEFAULT_WORLD_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "world" / "default.py")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from editing_jax.data import image_io
+
+    return (UserError, config_lib.ConfigError, image_io.ImageError)
+
+
+def _world_config(args: argparse.Namespace):
+    from editing_jax.data.world import edits
+
+    if args.config or pathlib.Path(DEFAULT_WORLD_CONFIG).exists():
+        config = config_lib.load_config(args.config or DEFAULT_WORLD_CONFIG, args.config_overrides)
+    else:  # Installed without the repository's configs/: the same defaults, built in.
+        defaults = edits.WorldConfig()
+        config = ml_collections.ConfigDict(
+            {
+                "size": defaults.size,
+                "seed": 0,
+                "min_objects": defaults.min_objects,
+                "max_objects": defaults.max_objects,
+                "edit_types": defaults.edit_types,
+            }
+        )
+        config.lock()
+        config_lib.apply_overrides(config, args.config_overrides)
+    with config.unlocked():
+        for key in ("size", "seed"):
+            if getattr(args, key, None) is not None:
+                config[key] = getattr(args, key)
+    try:
+        return config, edits.WorldConfig.from_config(config)
+    except ValueError as error:
+        raise UserError(f"invalid world config: {error}") from error
+
+
+def _cmd_data_generate(args: argparse.Namespace) -> None:
+    from editing_jax.data import tfds_world
+    from editing_jax.data.world import edits
+
+    config, world = _world_config(args)
+    if args.num <= 0:
+        raise UserError(f"--num must be positive, got {args.num}")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    dataset_dir = tfds_world.prepare_world_dataset(
+        out, split_sizes={args.split: args.num}, seed=config.seed, world=world, show_progress=not args.quiet
+    )
+    preview_path = out / f"preview_{args.split}.png"
+    samples = [edits.generate_sample(args.split, config.seed, i, world) for i in range(min(args.preview, args.num))]
+    _write_preview(samples, preview_path)
+    print(
+        json.dumps(
+            {
+                "dataset_dir": str(dataset_dir),
+                "split": args.split,
+                "num": args.num,
+                "size": world.size,
+                "seed": config.seed,
+                "preview": str(preview_path),
+            }
+        )
+    )
+
+
+def _write_preview(samples, path: pathlib.Path) -> None:
+    from editing_jax import viz
+    from editing_jax.data import image_io
+
+    rows = [[s.source_image, s.target_image, s.edit_mask, s.object_mask] for s in samples]
+    labels = [f"[{s.edit.edit_type}] {s.instruction}" for s in samples]
+    grid = viz.image_grid(
+        rows, row_labels=labels, column_labels=["source", "target", "edit mask", "object mask"], cell_size=96
+    )
+    image_io.write_image_atomic(path, grid)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> None:
+    from editing_jax.data.world import check
+
+    if args.num <= 0:
+        raise UserError(f"--num must be positive, got {args.num}")
+    report = check.check_world(num=args.num, size=args.size, seed=args.seed, split=args.split, progress=not args.quiet)
+    print(json.dumps(report, sort_keys=True))
+
+
+def _read_scene(text: str):
+    from editing_jax.data.world import spec
+
+    path = pathlib.Path(text)
+    source = text
+    if not text.lstrip().startswith("{"):
+        if not path.is_file():
+            raise UserError(f"--target_scene: {text} is neither JSON nor an existing file")
+        source = path.read_text()
+    try:
+        return spec.Scene.from_json(source)
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--target_scene: not a valid scene graph ({error})") from error
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from editing_jax.data import image_io
+    from editing_jax.data.world import verifier
+
+    target = _read_scene(args.target_scene)
+    image = image_io.read_image(args.image)
+    if image.shape[0] != image.shape[1]:
+        raise UserError(f"{args.image}: the verifier needs a square image, got {image.shape[1]}x{image.shape[0]}")
+    sources = edit_masks = None
+    if args.source:
+        source = image_io.read_image(args.source)
+        if source.shape != image.shape:
+            raise UserError(f"--source {args.source} is {source.shape[:2]}, --image is {image.shape[:2]}")
+        sources = [source]
+        if args.edit_mask:
+            edit_masks = [image_io.read_image(args.edit_mask).mean(axis=-1) > 127]
+    result = verifier.verify([image], [target], sources, edit_masks)
+    report = {
+        "success": bool(result.success[0]),
+        "attribute_accuracy": float(result.attribute_accuracy[0]),
+        "coherent": bool(result.coherent[0]),
+        "coherence": float(result.coherence[0]),
+        "preservation_l1": None if np.isnan(result.preservation_l1[0]) else float(result.preservation_l1[0]),
+        "failed_attributes": sorted(k for k, v in result.attributes[0].items() if not v),
+        "parsed_scene": result.parsed[0].to_dict(),
+    }
+    print(json.dumps(report, sort_keys=True))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editing-jax", description="Instruction-based image editing research.")
+    parser.add_argument("--version", action="version", version=f"editing-jax {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="the synthetic editing world").add_subparsers(dest="data_command")
+    data.required = True
+    generate = data.add_parser("generate", help="prepare a dataset (tfds array_record) and a preview grid")
+    generate.add_argument("--out", required=True, help="output data directory")
+    generate.add_argument("--split", default="train", choices=("train", "val", "test"))
+    generate.add_argument("--num", type=int, default=256, help="number of examples")
+    generate.add_argument("--size", type=int, default=None, help="canvas size in pixels (default: from config)")
+    generate.add_argument("--seed", type=int, default=None, help="world seed (default: from config)")
+    generate.add_argument("--config", default=None, help="world config (default configs/world/default.py)")
+    generate.add_argument("--preview", type=int, default=8, help="rows in the preview grid")
+    generate.set_defaults(handler=_cmd_data_generate)
+
+    check = data.add_parser("check", help="verifier self-check figures as one JSON line")
+    check.add_argument("--num", type=int, default=2000)
+    check.add_argument("--size", type=int, default=64)
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--split", default="train", choices=("train", "val", "test"))
+    check.set_defaults(handler=_cmd_data_check)
+
+    verify = commands.add_parser("verify", help="score an image against a target scene graph")
+    verify.add_argument("--image", required=True, help="image to score (square)")
+    verify.add_argument("--target_scene", required=True, help="target scene graph: JSON text or a .json file")
+    verify.add_argument("--source", default=None, help="source image, for preservation L1")
+    verify.add_argument("--edit_mask", default=None, help="edit mask image (white = edited), with --source")
+    verify.set_defaults(handler=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        argv, overrides = config_lib.split_config_overrides(argv)
+    except config_lib.ConfigError as error:
+        print(f"editing-jax: error: {error}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    args.config_overrides = overrides
+    if overrides and not hasattr(args, "config"):
+        print("editing-jax: error: --config.* overrides need a command that takes --config", file=sys.stderr)
+        return 2
+    try:
+        args.handler(args)
+    except _user_error_types() as error:
+        print(f"editing-jax: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("editing-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
