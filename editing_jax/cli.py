@@ -39,16 +39,7 @@ def _world_config(args: argparse.Namespace):
     if args.config or pathlib.Path(DEFAULT_WORLD_CONFIG).exists():
         config = config_lib.load_config(args.config or DEFAULT_WORLD_CONFIG, args.config_overrides)
     else:  # Installed without the repository's configs/: the same defaults, built in.
-        defaults = edits.WorldConfig()
-        config = ml_collections.ConfigDict(
-            {
-                "size": defaults.size,
-                "seed": 0,
-                "min_objects": defaults.min_objects,
-                "max_objects": defaults.max_objects,
-                "edit_types": defaults.edit_types,
-            }
-        )
+        config = ml_collections.ConfigDict({"size": edits.WorldConfig().size, "seed": 0})
         config.lock()
         config_lib.apply_overrides(config, args.config_overrides)
     with config.unlocked():
@@ -72,7 +63,7 @@ def _cmd_data_generate(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     dataset_dir = tfds_world.prepare_world_dataset(
-        out, split_sizes={args.split: args.num}, seed=config.seed, world=world, show_progress=not args.quiet
+        out, split_sizes={args.split: args.num}, size=world.size, seed=config.seed, show_progress=not args.quiet
     )
     preview_path = out / f"preview_{args.split}.png"
     samples = [edits.generate_sample(args.split, config.seed, i, world) for i in range(min(args.preview, args.num))]

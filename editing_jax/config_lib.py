@@ -62,9 +62,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------
 
 
-def parse_config_arg(
-    arg: str | None, allowed: Collection[str] | None = None
-) -> dict[str, str | bool]:
+def parse_config_arg(arg: str | None, allowed: Collection[str] | None = None) -> dict[str, str | bool]:
     """Parses a ``get_config`` variant string.
 
     ``'size=32,tiny'`` -> ``{'size': '32', 'tiny': True}``; ``None``/``''`` -> ``{}``.
@@ -94,9 +92,7 @@ def parse_config_arg(
         if name in result:
             raise ConfigError(f"config arg {arg!r} sets {name!r} more than once")
         if allowed is not None and name not in allowed:
-            raise ConfigError(
-                f"unknown config arg {name!r} in {arg!r}; valid: {', '.join(sorted(allowed))}"
-            )
+            raise ConfigError(f"unknown config arg {name!r} in {arg!r}; valid: {', '.join(sorted(allowed))}")
         result[name] = value.strip() if sep else True
     return result
 
@@ -181,9 +177,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     elif isinstance(config, Mapping):
         config = ml_collections.ConfigDict(dict(config))
     else:
-        raise ConfigError(
-            f"get_config() in '{path}' returned {type(config).__name__}, expected a ConfigDict"
-        )
+        raise ConfigError(f"get_config() in '{path}' returned {type(config).__name__}, expected a ConfigDict")
     config.lock()
     return apply_overrides(config, overrides)
 
@@ -278,9 +272,7 @@ def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     for depth, name in enumerate(parts):
         prefix = ".".join(parts[:depth])
         if not isinstance(node, ml_collections.ConfigDict):
-            raise ConfigError(
-                f"unknown config key '{key}': '{prefix}' is a {type(node).__name__}, not a group"
-            )
+            raise ConfigError(f"unknown config key '{key}': '{prefix}' is a {type(node).__name__}, not a group")
         if name not in node:
             raise ConfigError(_unknown_key_error(key, node, prefix, name))
         if depth < len(parts) - 1:
@@ -290,21 +282,15 @@ def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     field_type = node.get_type(leaf)
     if issubclass(field_type, ml_collections.ConfigDict):
         subkeys = ", ".join(sorted(node[leaf].keys()))
-        raise ConfigError(
-            f"config key '{key}' is a group; override its fields instead: {subkeys or '<none>'}"
-        )
+        raise ConfigError(f"config key '{key}' is a group; override its fields instead: {subkeys or '<none>'}")
     try:
         value = _parse_value(text, field_type)
         node[leaf] = value
     except (ValueError, TypeError) as e:
-        raise ConfigError(
-            f"invalid value {text!r} for config key '{key}': expected {_type_name(field_type)}"
-        ) from e
+        raise ConfigError(f"invalid value {text!r} for config key '{key}': expected {_type_name(field_type)}") from e
 
 
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Sequence[str]
-) -> ml_collections.ConfigDict:
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Applies ``key=value`` overrides to `config` in place.
 
     Each override is ``--config.a.b=v``, ``config.a.b=v`` or ``a.b=v``. The
@@ -385,9 +371,7 @@ def _to_jsonable(value: Any, key: str) -> Any:
         return value
     if hasattr(value, "tolist"):  # numpy / jax scalars and arrays.
         return _to_jsonable(value.tolist(), key)
-    raise ConfigError(
-        f"config key '{key}' holds a {type(value).__name__}, which is not JSON-serializable"
-    )
+    raise ConfigError(f"config key '{key}' holds a {type(value).__name__}, which is not JSON-serializable")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

@@ -11,18 +11,14 @@ from editing_jax import config_lib
 
 _CONFIGS_DIR = pathlib.Path(__file__).parents[1] / "configs"
 _COMMAND_PREFIXES = ("editing-jax ", "python ")
-_NO_CONFIGS = pytest.param(
-    None, marks=pytest.mark.skip(reason=f"no configs under {_CONFIGS_DIR} yet"), id="no-configs"
-)
+_NO_CONFIGS = pytest.param(None, marks=pytest.mark.skip(reason=f"no configs under {_CONFIGS_DIR} yet"), id="no-configs")
 
 
 def _variants(path: pathlib.Path) -> tuple[str, ...] | str:
     """Returns the module-level VARIANTS literal, or an error description."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets
-        ):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets):
             try:
                 value = ast.literal_eval(node.value)
             except ValueError:
@@ -64,8 +60,7 @@ def test_config_loads_locked(path: pathlib.Path):
 def test_config_docstring_starts_with_command(path: pathlib.Path):
     command = config_lib.config_docstring_command(path)
     assert command.startswith(_COMMAND_PREFIXES), (
-        f"{path}: module docstring must start with a command "
-        f"('editing-jax ...' or 'python ...'), got {command!r}"
+        f"{path}: module docstring must start with a command ('editing-jax ...' or 'python ...'), got {command!r}"
     )
 
 

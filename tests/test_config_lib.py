@@ -105,9 +105,7 @@ def test_load_with_arg(config_path):
 
 
 def test_load_with_overrides(config_path):
-    config = config_lib.load_config(
-        f"{config_path}:tiny", ["--config.model.width=64", "config.seed=3"]
-    )
+    config = config_lib.load_config(f"{config_path}:tiny", ["--config.model.width=64", "config.seed=3"])
     assert config.model.width == 64
     assert config.seed == 3
 
@@ -117,9 +115,7 @@ def test_load_is_locked(config):
     assert config.model.is_locked
     with pytest.raises(AttributeError):
         config.new_key = 1
-    with pytest.raises(
-        ConfigError, match=r"unknown config key 'new_key'; valid keys .*: ckpt, layers, lr"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown config key 'new_key'; valid keys .*: ckpt, layers, lr"):
         config_lib.apply_overrides(config, ["new_key=1"])
 
 
@@ -236,9 +232,7 @@ def test_override_unknown_nested_key(config):
     with pytest.raises(ConfigError) as info:
         config_lib.apply_overrides(config, ["--config.model.widht=3"])
     message = str(info.value)
-    assert message.startswith(
-        "unknown config key 'model.widht'; valid keys under 'model': act, depth, head, width"
-    )
+    assert message.startswith("unknown config key 'model.widht'; valid keys under 'model': act, depth, head, width")
     assert "did you mean 'width'" in message
     assert "\n" not in message
 

@@ -101,9 +101,7 @@ def test_render_any_square_size_roundtrips_through_verifier(size):
     for i in range(20):
         sample = edits.generate_sample("val", 0, i, config)
         assert sample.target_image.shape == (size, size, 3)
-        assert verifier.parse(sample.target_image).scene == dataclasses.replace(
-            sample.edit.target, position_free=None
-        )
+        assert verifier.parse(sample.target_image).scene == dataclasses.replace(sample.edit.target, position_free=None)
 
 
 def test_renderer_is_an_alpha_blend_of_exact_colors():

@@ -8,7 +8,6 @@ Variants: `size=N` sets the canvas size in pixels (default 64; 32 for quick CPU 
 import ml_collections
 
 from editing_jax import config_lib
-from editing_jax.data.world import spec
 
 VARIANTS = ("size=32", "size=64")
 
@@ -18,7 +17,4 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.size = int(args.get("size", 64))
     config.seed = 0
-    config.min_objects = 1
-    config.max_objects = spec.MAX_OBJECTS
-    config.edit_types = spec.EDIT_TYPES
     return config

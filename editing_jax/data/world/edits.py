@@ -40,13 +40,8 @@ class WorldConfig:
 
     @classmethod
     def from_config(cls, config) -> WorldConfig:
-        """Builds a WorldConfig from a `configs/world` ConfigDict (or any object with the same fields)."""
-        return cls(
-            size=int(config.size),
-            min_objects=int(config.min_objects),
-            max_objects=int(config.max_objects),
-            edit_types=tuple(config.edit_types),
-        )
+        """Builds a WorldConfig from a `configs/world` ConfigDict (fields: size)."""
+        return cls(size=int(config.size))
 
 
 @dataclasses.dataclass(frozen=True)
