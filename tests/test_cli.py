@@ -79,7 +79,9 @@ def test_verify_scores_target_and_source(tmp_path, capsys):
 def test_bad_image_is_a_one_line_error(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.png"
     bad.write_bytes(content)
-    code, out, err = _run(capsys, "verify", "--image", str(bad), "--target_scene", '{"background": "white", "objects": []}')
+    code, out, err = _run(
+        capsys, "verify", "--image", str(bad), "--target_scene", '{"background": "white", "objects": []}'
+    )
     assert code == 2 and out == ""
     assert message in err and "bad.png" in err and len(err.strip().splitlines()) == 1
 

@@ -1,0 +1,51 @@
+"""Training and evaluation data from a config's `data` section (the synthetic world, on the fly or prepared)."""
+
+from __future__ import annotations
+
+import jax
+
+from editing_jax.data import pipeline
+from editing_jax.data.world import edits
+
+
+def _source(data_config, split: str, num_examples: int):
+    if data_config.source == "world":
+        world = edits.WorldConfig(size=int(data_config.size))
+        return pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
+    if data_config.source == "tfds":
+        from editing_jax.data import tfds_world
+
+        return tfds_world.load_world_source(data_config.data_dir, split)
+    raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds")
+
+
+def make_train_dataset(data_config):
+    """Infinite, shuffled, host-sharded batches of `batch_size / process_count` examples."""
+    process_count = jax.process_count()
+    if data_config.batch_size % process_count:
+        raise ValueError(f"batch_size {data_config.batch_size} is not divisible by {process_count} processes")
+    return pipeline.make_dataset(
+        _source(data_config, "train", int(data_config.num_train_examples)),
+        batch_size=int(data_config.batch_size) // process_count,
+        seed=int(data_config.shuffle_seed),
+        shuffle=True,
+        num_epochs=None,
+        shard_index=jax.process_index(),
+        shard_count=process_count,
+    )
+
+
+def make_eval_batches(data_config) -> list[dict]:
+    """Host batches of the eval split (not sharded: evaluation runs on every host's full copy)."""
+    num = int(data_config.num_eval_examples)
+    if num <= 0:
+        return []
+    dataset = pipeline.make_dataset(
+        _source(data_config, data_config.eval_split, num),
+        batch_size=min(int(data_config.eval_batch_size), num),
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+    )
+    return list(dataset)

@@ -1,0 +1,50 @@
+"""Default trainer sections of a config (optimizer, train loop, mesh); method configs start from these."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        {
+            "name": "adamw",
+            "learning_rate": 1e-3,
+            "warmup_steps": 100,
+            "decay": "cosine",
+            "end_lr_fraction": 0.1,
+            "b1": 0.9,
+            "b2": 0.99,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "grad_clip_norm": 1.0,
+        }
+    )
+    config.update(overrides)
+    return config
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        {
+            "num_steps": 1000,
+            "grad_accum_steps": 1,
+            "ema_decay": 0.0,  # 0 disables the EMA of params.
+            "log_every": 50,
+            "checkpoint_every": 500,
+            "max_to_keep": 3,
+            "async_checkpoint": True,
+            "sample_every": 500,  # PNG grid of objective.visualize; 0 disables.
+            "eval_every": 0,  # 0: evaluate only at the end.
+            "max_consecutive_nonfinite": 10,
+            "tensorboard": True,
+        }
+    )
+    config.update(overrides)
+    return config
+
+
+def mesh_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    config.update(overrides)
+    return config
