@@ -60,17 +60,23 @@ class Checkpointer:
         return restored.state, dict(restored.data or {}), dict(restored.config or {})
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-        """Restores the newest step that restores cleanly; None when there is no usable checkpoint."""
+        """Restores the newest step that restores cleanly; None when there is no usable checkpoint.
+
+        Unreadable newer steps are deleted after a successful fallback, so training can save those steps again.
+        """
+        unreadable = []
         for step in reversed(self.steps()):
             try:
-                return (step, *self.restore(step, abstract_state))
+                restored = (step, *self.restore(step, abstract_state))
             except Exception as error:  # noqa: BLE001 - any failure means this step is unusable.
-                logger.warning(
-                    "checkpoint step %d in %s is unreadable (%s); trying an earlier one",
-                    step,
-                    self.directory,
-                    str(error).splitlines()[0][:200],
-                )
+                message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                logger.warning("checkpoint step %d in %s is unreadable (%s); trying an earlier one", step,
+                               self.directory, message)  # fmt: skip
+                unreadable.append(step)
+                continue
+            for bad in unreadable:
+                self._manager.delete(bad)
+            return restored
         return None
 
     def wait(self) -> None:

@@ -46,7 +46,7 @@ def create_state(variables: dict, optimizer: optax.GradientTransformation, use_e
 
 
 def _global_norm(tree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def _all_finite(tree) -> jax.Array:

@@ -71,6 +71,7 @@ class Trainer:
         eval_batches: list[dict] | None = None,
         restore: str | None = None,
         progress: bool = True,
+        devices: list | None = None,
     ):
         self.config = config
         self.workdir = pathlib.Path(workdir)
@@ -81,7 +82,7 @@ class Trainer:
         self.final_state: step_lib.TrainState | None = None
         self.train_config = config.train
         self.num_steps = int(self.train_config.num_steps)
-        self.mesh = sharding.make_mesh(dict(config.mesh))
+        self.mesh = sharding.make_mesh(dict(config.mesh), devices)
         self.rules = sharding.rules_from_config(config.get("logical_axis_rules"))
         self.optimizer, self.schedule = optim.make_optimizer(config.optimizer, self.num_steps)
         self.init_rng, self.train_rng = jax.random.split(jax.random.key(int(config.seed)))

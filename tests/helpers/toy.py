@@ -67,9 +67,8 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.optimizer = defaults.optimizer_config(learning_rate=3e-3, warmup_steps=5)
-    config.train = defaults.train_config(
-        num_steps=40, log_every=5, checkpoint_every=10, sample_every=0, tensorboard=False, **train_overrides
-    )
+    train = {"num_steps": 40, "log_every": 5, "checkpoint_every": 10, "sample_every": 0, "tensorboard": False}
+    config.train = defaults.train_config(**{**train, **train_overrides})
     config.mesh = defaults.mesh_config()
     config.lock()
     return config
