@@ -3,6 +3,7 @@
 Subcommands:
   data generate   prepare a world dataset (tfds, array_record) plus a preview grid
   data check      print the verifier self-check figures as one JSON line
+  train           train a method from a config, resuming from the workdir
   verify          score an image against a target scene graph, as one JSON line
 """
 
@@ -28,9 +29,16 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from editing_jax.data import image_io
+    from editing_jax.data import image_io, manifest
+    from editing_jax.train import checkpoint
 
-    return (UserError, config_lib.ConfigError, image_io.ImageError)
+    return (UserError, config_lib.ConfigError, image_io.ImageError, manifest.ManifestError, checkpoint.CheckpointError)
+
+
+def _aborted_type() -> type[BaseException]:
+    from editing_jax.train import trainer
+
+    return trainer.TrainingAborted
 
 
 def _world_config(args: argparse.Namespace):
@@ -147,6 +155,36 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(json.dumps(report, sort_keys=True))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    import jax
+
+    from editing_jax import methods
+    from editing_jax.train import data as train_data
+    from editing_jax.train import trainer
+
+    if args.distributed:
+        jax.distributed.initialize()
+    config = config_lib.load_config(args.config, args.config_overrides)
+    try:
+        objective = methods.build_objective(config)
+        dataset = train_data.make_train_dataset(config.data)
+    except ValueError as error:
+        raise UserError(f"invalid config {args.config}: {error}") from error
+    eval_batches = [] if args.compile_only else train_data.make_eval_batches(config.data)
+    run = trainer.Trainer(
+        config,
+        args.workdir,
+        objective=objective,
+        dataset=dataset,
+        eval_batches=eval_batches,
+        restore=args.restore,
+        progress=not args.quiet,
+    )
+    summary = run.run(compile_only=args.compile_only)
+    if jax.process_index() == 0:
+        print(json.dumps(summary, sort_keys=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editing-jax", description="Instruction-based image editing research.")
     parser.add_argument("--version", action="version", version=f"editing-jax {__version__}")
@@ -171,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--split", default="train", choices=("train", "val", "test"))
     check.set_defaults(handler=_cmd_data_check)
+
+    train = commands.add_parser("train", help="train a method from a config (resumes from WORKDIR)")
+    train.add_argument("--config", required=True, help="config file, optionally with :variant")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics, samples and summary go here")
+    train.add_argument("--restore", default=None, help="checkpoint dir or step dir to start from (must exist)")
+    train.add_argument("--compile_only", action="store_true", help="print per-device memory/FLOPs, do not train")
+    train.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods)")
+    train.set_defaults(handler=_cmd_train)
 
     verify = commands.add_parser("verify", help="score an image against a target scene graph")
     verify.add_argument("--image", required=True, help="image to score (square)")
@@ -199,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_error_types() as error:
         print(f"editing-jax: error: {error}", file=sys.stderr)
         return 2
+    except _aborted_type() as error:
+        print(f"editing-jax: training aborted: {error}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("editing-jax: interrupted", file=sys.stderr)
         return 130

@@ -24,7 +24,7 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """Per-element KL(N(mean, exp(logvar)) || N(0, 1)) = 0.5 * (mean^2 + exp(logvar) - 1 - logvar), float32."""
-    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    mean, logvar = jnp.asarray(mean, jnp.float32), jnp.asarray(logvar, jnp.float32)
     return 0.5 * (jnp.square(mean) + jnp.expm1(logvar) - logvar)  # expm1 keeps the small-logvar terms >= 0.
 
 

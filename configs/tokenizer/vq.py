@@ -1,0 +1,70 @@
+"""editing-jax train --config configs/tokenizer/vq.py:size=32 --workdir workdir/vq32
+
+VQ tokenizer (the MGT's image tokens) trained on the synthetic world's source and target images.
+
+Variants (comma-separated): `size=32|64` canvas size (default 32); `tiny` a CI-sized model and a few steps.
+"""
+
+import ml_collections
+
+from editing_jax import config_lib
+from editing_jax.train import defaults
+
+VARIANTS = ("size=32", "size=64", "size=32,tiny")
+
+
+def get_config(arg=None):
+    args = config_lib.parse_config_arg(arg, allowed=("size", "tiny"))
+    size = int(args.get("size", 32))
+    tiny = bool(args.get("tiny", False))
+
+    config = ml_collections.ConfigDict()
+    config.method = "tokenizer_vq"
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict(
+        {
+            "source": "world",  # 'world': generated on the fly; 'tfds': a dataset from `editing-jax data generate`.
+            "data_dir": "",  # Dataset directory for source='tfds'.
+            "size": size,
+            "seed": 0,
+            "num_train_examples": 100_000,
+            "shuffle_seed": 0,
+            "batch_size": 8 if tiny else 32,  # Global; each example gives two images (source and target).
+            "eval_split": "val",
+            "num_eval_examples": 16 if tiny else 512,
+            "eval_batch_size": 64,
+        }
+    )
+    # 4x downsampling at 32 px (8x8 tokens), 8x at 64 px (8x8 tokens).
+    levels = (64, 128, 128) if size <= 32 else (64, 128, 128, 128)
+    config.model = ml_collections.ConfigDict(
+        {
+            "block_out_channels": (16, 32) if tiny else levels,
+            "layers_per_block": 1,
+            "norm_num_groups": 8 if tiny else 32,
+            "use_mid_block": True,
+            "mid_block_attention": False,
+            "latent_channels": 16 if tiny else 64,
+            "codebook_size": 64 if tiny else 1024,
+            "code_dim": 8 if tiny else 16,
+            "commitment_weight": 0.25,
+            "ema_decay": 0.99,
+            "ema_epsilon": 1e-5,
+            "l2_normalize_codes": True,
+            "dead_code_threshold": 0.01,
+            "dtype": "float32",
+            "param_dtype": "float32",
+        }
+    )
+    config.loss = ml_collections.ConfigDict({"recon_loss": "l1"})
+    config.optimizer = defaults.optimizer_config(learning_rate=1e-3, warmup_steps=10 if tiny else 200)
+    config.train = defaults.train_config(
+        num_steps=20 if tiny else 3000,
+        log_every=5 if tiny else 50,
+        checkpoint_every=10 if tiny else 500,
+        sample_every=10 if tiny else 500,
+        eval_every=0,
+    )
+    config.mesh = defaults.mesh_config()
+    return config
