@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from editing_jax.data.world import edits
 from editing_jax.methods import tokenizer
 from editing_jax.models import autoencoder, vq
 from editing_jax.nn import conv
+from editing_jax.train import sharding
 
 IMAGE_SIZE = 32
 TINY_TRUNK = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
@@ -23,7 +25,8 @@ def tiny_vq(**overrides) -> vq.VQModel:
 
 
 def tiny_kl(**overrides) -> autoencoder.AutoencoderKL:
-    return autoencoder.AutoencoderKL(**{**TINY_TRUNK, "latent_channels": 4, **overrides})
+    # No mid block here (the VQ model covers it): exercises the switch and keeps the init compile short.
+    return autoencoder.AutoencoderKL(**{**TINY_TRUNK, "latent_channels": 4, "use_mid_block": False, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -38,33 +41,61 @@ def world_batch() -> dict:
     }
 
 
+def _array_batch(world_batch: dict) -> dict:
+    return {key: world_batch[key] for key in ("source_image", "target_image")}
+
+
 @pytest.fixture(scope="module")
 def images(world_batch) -> jax.Array:
     return tokenizer.images_to_float(world_batch["source_image"])  # [2, 32, 32, 3]
 
 
+def _init(objective, world_batch):
+    # Objective.init is model.init on the source images. Jitted (eager init is slow on CPU) with an 'unsafe_rbg' key:
+    # compiling hundreds of unrolled threefry hashes for the param initializers takes most of the time otherwise.
+    # Each model is initialized once per module.
+    return jax.jit(objective.init)(jax.random.key(0, impl="unsafe_rbg"), _array_batch(world_batch))
+
+
 @pytest.fixture(scope="module")
-def vq_boxed(images):
-    """Tiny VQ model and its init variables with logical-partitioning boxes (jitted: eager init is slow)."""
+def vq_objective(world_batch):
+    """(model, objective, boxed init variables) of the tiny VQ tokenizer."""
     model = tiny_vq()
-    return model, jax.jit(model.init)(jax.random.key(0), images)
+    objective = tokenizer.make_vq_objective(model)
+    return model, objective, _init(objective, world_batch)
 
 
 @pytest.fixture(scope="module")
-def vq_setup(vq_boxed):
-    model, boxed = vq_boxed
+def kl_objective(world_batch):
+    model = tiny_kl()
+    objective = tokenizer.make_kl_objective(model, kl_weight=1e-4)
+    return model, objective, _init(objective, world_batch)
+
+
+@pytest.fixture(scope="module")
+def vq_setup(vq_objective):
+    model, _, boxed = vq_objective
     return model, nn.meta.unbox(boxed)
 
 
-def _array_batch(world_batch: dict) -> dict:
-    return {key: world_batch[key] for key in ("source_image", "target_image")}
+@pytest.fixture(scope="module")
+def vq_forward(vq_setup, images):
+    """Eval-mode forward (recon, aux) of the tiny VQ model on `images`, computed once."""
+    model, variables = vq_setup
+    return jax.jit(model.apply)(variables, images)
+
+
+@pytest.fixture(scope="module")
+def kl_setup(kl_objective):
+    model, _, boxed = kl_objective
+    return model, nn.meta.unbox(boxed)
 
 
 # ---- conv trunk --------------------------------------------------------------------------------------------------
 
 
-def test_conv_params_carry_documented_logical_axes(vq_boxed):
-    _, variables = vq_boxed
+def test_conv_params_carry_documented_logical_axes(vq_objective):
+    _, _, variables = vq_objective
     boxed = variables["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
@@ -79,10 +110,20 @@ def test_conv_params_carry_documented_logical_axes(vq_boxed):
     assert set(boxed["decoder"]["up_blocks_0"]) == {"resnets_0", "resnets_1", "upsamplers_0"}
 
 
+def test_param_and_state_shardings_follow_default_rules(vq_objective, world_batch):
+    _, objective, _ = vq_objective
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1})
+    abstract = jax.eval_shape(objective.init, jax.random.key(0), _array_batch(world_batch))
+    shardings = sharding.tree_shardings(abstract, mesh, sharding.DEFAULT_RULES)
+    fsdp = "fsdp" if mesh.shape["fsdp"] > 1 else None
+    assert shardings["params"]["encoder"]["conv_in"]["kernel"].spec == P(None, None, None, fsdp)
+    assert shardings["params"]["encoder"]["mid_block"]["attentions_0"]["to_out_0"]["kernel"].spec == P(None, fsdp)
+    assert shardings["state"]["quantize"]["codebook"].spec == P(None, None)  # 'codebook' is replicated
+
+
 def test_downsample_uses_asymmetric_padding():
     x = jnp.arange(2 * 6 * 6 * 1, dtype=jnp.float32).reshape(2, 6, 6, 1)
     block = conv.Downsample2D(1)
-    params = block.init(jax.random.key(0), x)
     kernel = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)  # picks the top-left tap of each window
     out = block.apply({"params": {"conv": {"kernel": kernel, "bias": jnp.zeros(1)}}}, x)
     assert out.shape == (2, 3, 3, 1)
@@ -91,15 +132,14 @@ def test_downsample_uses_asymmetric_padding():
     out = block.apply({"params": {"conv": {"kernel": kernel, "bias": jnp.zeros(1)}}}, x)
     np.testing.assert_array_equal(out[:, -1, :, 0], 0.0)
     np.testing.assert_array_equal(out[:, :-1, :-1], x[:, 2::2, 2::2])
-    del params
 
 
 # ---- VQ tokenizer ------------------------------------------------------------------------------------------------
 
 
-def test_vq_shapes_and_aux(vq_setup, images):
-    model, variables = vq_setup
-    recon, aux = model.apply(variables, images)
+def test_vq_shapes_and_aux(vq_setup, vq_forward, images):
+    model, _ = vq_setup
+    recon, aux = vq_forward
     factor = 2 ** (len(TINY_TRUNK["block_out_channels"]) - 1)
     assert model.downsample_factor == factor
     assert recon.shape == images.shape and recon.dtype == jnp.float32
@@ -111,12 +151,17 @@ def test_vq_shapes_and_aux(vq_setup, images):
     assert 1 <= float(aux["perplexity"]) <= model.codebook_size
 
 
-def test_vq_encode_decode_round_trip_matches_forward(vq_setup, images):
+def test_vq_encode_decode_round_trip_matches_forward(vq_setup, vq_forward, images):
     model, variables = vq_setup
-    recon, aux = model.apply(variables, images)
-    indices = model.apply(variables, images, method=vq.VQModel.encode)
+    recon, aux = vq_forward
+
+    @jax.jit
+    def encode_then_decode(variables, images):
+        indices = model.apply(variables, images, method=vq.VQModel.encode)
+        return indices, model.apply(variables, indices, method=vq.VQModel.decode_indices)
+
+    indices, decoded = encode_then_decode(variables, images)
     np.testing.assert_array_equal(indices, aux["indices"])
-    decoded = model.apply(variables, indices, method=vq.VQModel.decode_indices)
     np.testing.assert_allclose(decoded, recon, atol=1e-6)
 
 
@@ -202,47 +247,56 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
     np.testing.assert_array_equal(new["state"]["embed_sum"][2:], 0.0)
 
 
-def test_l2_normalized_codes_have_unit_norm(images):
-    model = tiny_vq(l2_normalize_codes=True, dead_code_threshold=0.5)
-    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images))
-    norms = jnp.linalg.norm(variables["state"]["quantize"]["codebook"], axis=-1)
-    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
-    variables["state"]["quantize"]["usage"] = variables["state"]["quantize"]["usage"].at[:10].set(0.0)  # force restarts
-    train_apply = jax.jit(lambda v, x, rng: model.apply(v, x, train=True, mutable=["state"], rngs={"restart": rng}))
-    (_, aux), new = train_apply(variables, images, jax.random.key(1))
-    assert int(aux["restarted_codes"]) >= 10
-    np.testing.assert_allclose(jnp.linalg.norm(new["state"]["quantize"]["codebook"], axis=-1), 1.0, rtol=1e-5)
-    quantizer = vq.VectorQuantizer(8, 4, l2_normalize=True)
-    z = jax.random.normal(jax.random.key(2), (2, 3, 3, 4)) * 5.0
-    quantized, _ = quantizer.apply(quantizer.init(jax.random.key(0), z), z)
+def test_l2_normalized_codes_have_unit_norm():
+    quantizer = vq.VectorQuantizer(8, 4, l2_normalize=True, dead_code_threshold=0.5)
+    z = jax.random.normal(jax.random.key(2), (2, 3, 3, 4)) * 5.0  # [B, h, w, D], far from unit norm
+
+    @jax.jit
+    def init_eval_and_train(z, init_rng, restart_rng):
+        variables = nn.meta.unbox(quantizer.init(init_rng, z))
+        quantized, _ = quantizer.apply(variables, z)
+        # A training step (EMA update of used codes + restart of dead ones) keeps every code on the unit sphere.
+        variables["state"]["usage"] = variables["state"]["usage"].at[:3].set(0.0)  # codes 0-2 are dead
+        rngs = {"restart": restart_rng}
+        return variables, quantized, quantizer.apply(variables, z, train=True, mutable=["state"], rngs=rngs)
+
+    variables, quantized, ((_, aux), new) = init_eval_and_train(z, jax.random.key(0), jax.random.key(1))
+    np.testing.assert_allclose(jnp.linalg.norm(variables["state"]["codebook"], axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(quantized, axis=-1), 1.0, rtol=1e-5)
+    assert int(aux["restarted_codes"]) >= 3
+    assert not np.allclose(new["state"]["codebook"], variables["state"]["codebook"])
+    np.testing.assert_allclose(jnp.linalg.norm(new["state"]["codebook"], axis=-1), 1.0, rtol=1e-5)
 
 
 # ---- KL autoencoder ----------------------------------------------------------------------------------------------
 
 
-def test_kl_closed_form_and_non_negative(images):
+def test_kl_closed_form_and_non_negative(kl_setup, images):
     mean = jnp.array([0.0, 1.0, -2.0, 0.5])
     logvar = jnp.array([0.0, np.log(2.0), -1.0, 3.0])
     expected = 0.5 * (np.square(mean) + np.exp(logvar) - 1.0 - logvar)
     np.testing.assert_allclose(autoencoder.gaussian_kl(mean, logvar), expected, rtol=1e-6)
     assert float(autoencoder.gaussian_kl(0.0, 0.0)) == 0.0
 
-    model = tiny_kl()
-    variables = jax.jit(model.init)(jax.random.key(0), images)
-    recon, aux = jax.jit(model.apply)(variables, images)
+    model, variables = kl_setup
+
+    @jax.jit
+    def run(variables, images, rng):
+        recon, aux = model.apply(variables, images)
+        mean, _ = model.apply(variables, images, method=autoencoder.AutoencoderKL.encode)
+        decoded = model.apply(variables, mean, method=autoencoder.AutoencoderKL.decode)
+        sampled, _ = model.apply(variables, images, sample_posterior=True, rngs={"sample": rng})
+        return recon, aux, mean, decoded, sampled
+
+    recon, aux, mean, decoded, sampled = run(variables, images, jax.random.key(1))
     factor = model.downsample_factor
     assert recon.shape == images.shape
     assert aux["mean"].shape == (2, IMAGE_SIZE // factor, IMAGE_SIZE // factor, 4)
     assert float(aux["kl"]) >= 0.0
     np.testing.assert_allclose(aux["kl"], jnp.mean(autoencoder.gaussian_kl(aux["mean"], aux["logvar"])), rtol=1e-6)
-    mean_out, logvar_out = model.apply(variables, images, method=autoencoder.AutoencoderKL.encode)
-    np.testing.assert_allclose(
-        model.apply(variables, mean_out, method=autoencoder.AutoencoderKL.decode), recon, atol=1e-5
-    )
-    sampled, _ = model.apply(variables, images, sample_posterior=True, rngs={"sample": jax.random.key(1)})
+    np.testing.assert_array_equal(mean, aux["mean"])
+    np.testing.assert_allclose(decoded, recon, atol=1e-5)
     assert not np.allclose(sampled, recon)
-    del logvar_out
 
 
 def test_latent_normalization_round_trip():
@@ -255,13 +309,15 @@ def test_latent_normalization_round_trip():
 # ---- dtypes ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_model", [tiny_vq, tiny_kl], ids=["vq", "kl"])
-def test_bfloat16_activations_with_float32_params(make_model, images):
-    model = make_model(dtype=jnp.bfloat16)
-    variables = jax.jit(model.init)(jax.random.key(0), images)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.meta.unbox(variables["params"])))
-    apply = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]))
-    (recon, _), state = apply(variables, images)
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_bfloat16_activations_with_float32_params(kind, vq_setup, kl_setup, images):
+    model = (tiny_vq if kind == "vq" else tiny_kl)(dtype=jnp.bfloat16)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+    assert {p.dtype for p in jax.tree.leaves(nn.meta.unbox(abstract["params"]))} == {jnp.dtype(jnp.float32)}
+    _, variables = vq_setup if kind == "vq" else kl_setup  # same tree as the bfloat16 model's init
+    # Abstract evaluation gives every intermediate's dtype without compiling.
+    apply = lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])  # noqa: E731
+    (recon, _), state = jax.eval_shape(apply, variables, images)
     assert recon.dtype == jnp.bfloat16
     trunk = {key: state["intermediates"][key] for key in ("encoder", "decoder")}
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(trunk)}
@@ -271,9 +327,9 @@ def test_bfloat16_activations_with_float32_params(make_model, images):
 # ---- objectives --------------------------------------------------------------------------------------------------
 
 
-def _objective_and_variables(kind, world_batch):
-    objective = tokenizer.make_vq_objective(tiny_vq()) if kind == "vq" else tokenizer.make_kl_objective(tiny_kl())
-    variables = nn.meta.unbox(jax.jit(objective.init)(jax.random.key(0), _array_batch(world_batch)))
+def _objective_and_variables(setup):
+    _, objective, boxed = setup
+    variables = dict(nn.meta.unbox(boxed))
     params = variables.pop("params")
     return objective, params, variables
 
@@ -287,8 +343,8 @@ def test_image_conversions_round_trip():
 
 
 @pytest.mark.parametrize("kind", ["vq", "kl"])
-def test_few_steps_of_training_reduce_the_loss(kind, world_batch):
-    objective, params, model_state = _objective_and_variables(kind, world_batch)
+def test_few_steps_of_training_reduce_the_loss(kind, world_batch, vq_objective, kl_objective):
+    objective, params, model_state = _objective_and_variables(vq_objective if kind == "vq" else kl_objective)
     batch = _array_batch(world_batch)
     optimizer = optax.adam(1e-3)
 
@@ -299,6 +355,7 @@ def test_few_steps_of_training_reduce_the_loss(kind, world_batch):
         return optax.apply_updates(params, updates), aux.model_state, opt_state, loss, aux.metrics
 
     opt_state = optimizer.init(params)
+    initial_state = model_state
     losses = []
     for step in range(30):
         params, model_state, opt_state, loss, metrics = train_step(params, model_state, opt_state, jax.random.key(step))
@@ -310,11 +367,17 @@ def test_few_steps_of_training_reduce_the_loss(kind, world_batch):
     assert set(metrics) == expected
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+    if kind == "vq":  # the EMA codebook state is threaded through the loss
+        assert not np.allclose(
+            model_state["state"]["quantize"]["codebook"], initial_state["state"]["quantize"]["codebook"]
+        )
+    else:
+        assert model_state == {}
 
 
 @pytest.mark.parametrize("kind", ["vq", "kl"])
-def test_visualize_and_evaluate(kind, world_batch):
-    objective, params, model_state = _objective_and_variables(kind, world_batch)
+def test_visualize_and_evaluate(kind, world_batch, vq_objective, kl_objective, monkeypatch):
+    objective, params, model_state = _objective_and_variables(vq_objective if kind == "vq" else kl_objective)
     rows, labels = objective.visualize(params, model_state, world_batch)
     assert labels == ["original", "reconstruction"] and len(rows) == 4
     assert rows[0][0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and 0.0 <= rows[0][1].min() <= rows[0][1].max() <= 1.0
@@ -327,3 +390,14 @@ def test_visualize_and_evaluate(kind, world_batch):
     without_scenes = objective.evaluate(params, model_state, [_array_batch(world_batch)])
     assert "verifier_success" not in without_scenes
     np.testing.assert_allclose(without_scenes["psnr"], metrics["psnr"], rtol=1e-5)
+
+    # The verifier scores the reconstructed *targets* of every batch against their target scenes.
+    calls = []
+    monkeypatch.setattr(tokenizer, "_verifier_success", lambda images, scenes: calls.append((images, scenes)) or 0.25)
+    assert objective.evaluate(params, model_state, [world_batch, world_batch])["verifier_success"] == 0.25
+    ((verified_images, verified_scenes),) = calls
+    assert verified_scenes == list(world_batch["target_scene"]) * 2
+    target_reconstructions = [row[1] for row in rows[2:]] * 2  # visualize rows: sources, then targets
+    for image, expected in zip(verified_images, target_reconstructions, strict=True):
+        assert image.dtype == np.uint8
+        np.testing.assert_array_equal(image.astype(np.float32) / 255.0, expected)

@@ -62,11 +62,15 @@ def _recon_loss_fn(recon_loss: str) -> Callable[[jax.Array, jax.Array], jax.Arra
     return RECON_LOSSES[recon_loss]
 
 
-def _visualize(reconstruct: Callable, params: PyTree, model_state: PyTree, batch: Batch):
-    """Rows [original, reconstruction] for up to 8 images (sources first, then targets), float [0, 1] HWC."""
+def _visualize(forward: Callable, params: PyTree, model_state: PyTree, batch: Batch):
+    """Rows [original, reconstruction] for up to 8 images (sources first, then targets), float [0, 1] HWC.
+
+    Reuses the evaluation forward pass (`forward(params, model_state, uint8 images) -> (recon uint8, ...)`), so a
+    training run compiles one inference graph for both.
+    """
     originals = np.concatenate([np.asarray(batch["source_image"]), np.asarray(batch["target_image"])], axis=0)
     originals = originals[:MAX_VISUALIZED_ROWS]  # [R, S, S, 3] uint8
-    recons = np.asarray(reconstruct(params, model_state, originals))  # [R, S, S, 3] uint8
+    recons = np.asarray(forward(params, model_state, originals)[0])  # [R, S, S, 3] uint8
     rows = [
         [o.astype(np.float32) / 255.0, r.astype(np.float32) / 255.0] for o, r in zip(originals, recons, strict=True)
     ]
@@ -134,12 +138,7 @@ def make_vq_objective(model: VQModel, *, recon_loss: str = "l1") -> Objective:
         }
         return total, LossAux(metrics=metrics, model_state={**model_state, **new_state})
 
-    @jax.jit
-    def reconstruct(params, model_state, images_uint8):
-        recon, _ = model.apply({"params": params, **model_state}, images_to_float(images_uint8), train=False)
-        return float_to_uint8(recon)
-
-    @jax.jit
+    @jax.jit  # Built once per objective: compiled once per eval batch shape, reused by visualize.
     def eval_forward(params, model_state, images_uint8):
         images = images_to_float(images_uint8)
         recon, aux = model.apply({"params": params, **model_state}, images, train=False)
@@ -147,7 +146,7 @@ def make_vq_objective(model: VQModel, *, recon_loss: str = "l1") -> Objective:
         return float_to_uint8(recon), psnr(recon, images), code_counts
 
     def visualize(params, model_state, batch):
-        return _visualize(reconstruct, params, model_state, batch)
+        return _visualize(eval_forward, params, model_state, batch)
 
     def evaluate(params, model_state, batches):
         mean_psnr, success, code_counts = _evaluate(eval_forward, params, model_state, batches)
@@ -166,10 +165,12 @@ def make_vq_objective(model: VQModel, *, recon_loss: str = "l1") -> Objective:
     return Objective(name="vq_tokenizer", init=init, loss=loss, visualize=visualize, evaluate=evaluate)
 
 
-def make_kl_objective(model: AutoencoderKL, *, kl_weight: float = 1e-4, recon_loss: str = "l1") -> Objective:
+def make_kl_objective(model: AutoencoderKL, *, kl_weight: float, recon_loss: str = "l1") -> Objective:
     """Objective training the KL autoencoder: loss = recon_loss + kl_weight * kl on sampled posteriors.
 
-    `kl` is the per-latent-element mean (see `AutoencoderKL.__call__`). Needs the 'sample' rng (from the loss rng).
+    Both terms are per-element means (pixels; latent elements, see `AutoencoderKL.__call__`), so `kl_weight` does
+    not depend on resolution. For reference, LDM's kl_weight 1e-6 on per-image sums equals 1e-6 * 4 / (64 * 3),
+    about 2e-8, here for an 8x-downsampling, 4-channel autoencoder. Needs the 'sample' rng (from the loss rng).
 
     Metrics: 'loss', 'recon_loss', 'kl', 'psnr'. Evaluation (posterior mean, no sampling): 'psnr', 'kl',
     'latent_std' (std of the posterior means over the eval set; diffusers' `scaling_factor` is 1 / this), and
@@ -189,12 +190,7 @@ def make_kl_objective(model: AutoencoderKL, *, kl_weight: float = 1e-4, recon_lo
         metrics = {"loss": total, "recon_loss": reconstruction, "kl": aux["kl"], "psnr": jnp.mean(psnr(recon, images))}
         return total, LossAux(metrics=metrics, model_state=model_state)
 
-    @jax.jit
-    def reconstruct(params, model_state, images_uint8):
-        recon, _ = model.apply({"params": params, **model_state}, images_to_float(images_uint8))
-        return float_to_uint8(recon)
-
-    @jax.jit
+    @jax.jit  # Built once per objective: compiled once per eval batch shape, reused by visualize.
     def eval_forward(params, model_state, images_uint8):
         images = images_to_float(images_uint8)
         recon, aux = model.apply({"params": params, **model_state}, images)
@@ -207,7 +203,7 @@ def make_kl_objective(model: AutoencoderKL, *, kl_weight: float = 1e-4, recon_lo
         return float_to_uint8(recon), psnr(recon, images), per_image
 
     def visualize(params, model_state, batch):
-        return _visualize(reconstruct, params, model_state, batch)
+        return _visualize(eval_forward, params, model_state, batch)
 
     def evaluate(params, model_state, batches):
         mean_psnr, success, extras = _evaluate(eval_forward, params, model_state, batches)

@@ -56,9 +56,11 @@ class VectorQuantizer(nn.Module):
         time); starts at 1 so a fresh codebook is not restarted at once. Codes below `dead_code_threshold` are dead.
 
     EMA update (train=True): codes assigned in this batch move to `embed_sum / smoothed_cluster_size`; codes not
-    assigned keep their vector exactly (their statistics decay). Dead codes are then replaced by encoder outputs of
-    the batch drawn without replacement (with replacement if the batch has fewer vectors than codes) using the
-    'restart' rng stream, and their statistics are reset (cluster_size = embed_sum = 0, usage = 1).
+    assigned keep their vector exactly (their statistics decay). Statistics start at zero, so a code's first
+    assignment moves it to the mean of its vectors. Dead codes are then replaced by encoder outputs of the batch
+    drawn without replacement (with replacement if the batch has fewer vectors than codes) using the 'restart' rng
+    stream, and their statistics are reset (cluster_size = embed_sum = 0, usage = 1): a restarted code that never
+    wins an assignment is dead again after log(threshold) / log(decay) steps (~460 with the defaults).
 
     Attributes:
       codebook_size: number of codes K.
@@ -99,7 +101,10 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z: jax.Array) -> jax.Array:
         """Indices of the nearest codes (L2, or cosine when `l2_normalize`) for z [..., D] -> [...] int32."""
-        flat = self._prepare(z).reshape(-1, self.code_dim)  # [N, D]
+        return self._nearest_prepared(self._prepare(z))
+
+    def _nearest_prepared(self, z: jax.Array) -> jax.Array:
+        flat = z.reshape(-1, self.code_dim)  # [N, D]
         codebook = self.codebook.value  # [K, D]
         scores = jnp.einsum("nd,kd->nk", flat, codebook, precision=jax.lax.Precision.HIGHEST)  # [N, K]
         if not self.l2_normalize:  # argmin ||z - e||^2 = argmax (z.e - ||e||^2 / 2)
@@ -117,7 +122,7 @@ class VectorQuantizer(nn.Module):
         (fraction of codes used) of this batch's assignments, 'restarted_codes' (codes restarted in this call).
         """
         z = self._prepare(z)  # [B, h, w, D]
-        indices = self.nearest(z)  # [B, h, w]
+        indices = self._nearest_prepared(z)  # [B, h, w]
         quantized = self.lookup(indices)  # [B, h, w, D]
         commitment = self.commitment_weight * jnp.mean(jnp.square(z - jax.lax.stop_gradient(quantized)))
 

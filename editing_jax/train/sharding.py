@@ -7,6 +7,7 @@ rules map them to mesh axes, e.g. ('conv_out', 'fsdp') shards conv kernels' outp
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -14,6 +15,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp")
 # Batch dimension: split over every device (data parallel x fully sharded data parallel).
@@ -51,7 +54,12 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all). Fixed sizes (no -1) whose product is smaller use the first devices."""
     devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(axis_sizes.get(axis, 1)) for axis in MESH_AXES]
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        logger.warning("mesh %s uses %d of %d devices", dict(axis_sizes), math.prod(sizes), len(devices))
+        devices = devices[: math.prod(sizes)]
     shape = mesh_shape(axis_sizes, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
