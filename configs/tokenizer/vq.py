@@ -22,20 +22,8 @@ def get_config(arg=None):
     config.method = "tokenizer_vq"
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict(
-        {
-            "source": "world",  # 'world': generated on the fly; 'tfds': a dataset from `editing-jax data generate`.
-            "data_dir": "",  # Dataset directory for source='tfds'.
-            "size": size,
-            "seed": 0,
-            "num_train_examples": 100_000,
-            "shuffle_seed": 0,
-            "batch_size": 8 if tiny else 16,  # Global; each example gives two images (source and target).
-            "eval_split": "val",
-            "num_eval_examples": 16 if tiny else 512,
-            "eval_batch_size": 64,
-        }
-    )
+    # Each example gives two training images (source and target).
+    config.data = defaults.world_data_config(size, batch_size=8 if tiny else 16, num_eval_examples=16 if tiny else 512)
     # 4x downsampling at 32 px (8x8 tokens), 8x at 64 px (8x8 tokens). Sized to train in minutes on 2 CPU cores.
     levels = (32, 64, 64) if size <= 32 else (32, 64, 64, 64)
     config.model = ml_collections.ConfigDict(
@@ -57,7 +45,7 @@ def get_config(arg=None):
             "param_dtype": "float32",
         }
     )
-    config.loss = ml_collections.ConfigDict({"recon_loss": "l1"})
+    config.loss = ml_collections.ConfigDict({"recon_loss": "l1+l2"})
     config.optimizer = defaults.optimizer_config(learning_rate=2e-3, warmup_steps=10 if tiny else 100)
     config.train = defaults.train_config(
         num_steps=20 if tiny else 2000,
@@ -67,4 +55,5 @@ def get_config(arg=None):
         eval_every=0,
     )
     config.mesh = defaults.mesh_config()
+    config.logical_axis_rules = defaults.logical_axis_rules()
     return config

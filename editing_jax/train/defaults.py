@@ -48,3 +48,28 @@ def mesh_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     config.update(overrides)
     return config
+
+
+def world_data_config(size: int, *, batch_size: int, num_eval_examples: int) -> ml_collections.ConfigDict:
+    """The `data` section for training on the synthetic world (see editing_jax/train/data.py)."""
+    return ml_collections.ConfigDict(
+        {
+            "source": "world",  # 'world': generated on the fly; 'tfds': a dataset from `editing-jax data generate`.
+            "data_dir": "",  # Dataset directory for source='tfds'.
+            "size": size,
+            "seed": 0,
+            "num_train_examples": 100_000,
+            "shuffle_seed": 0,
+            "batch_size": batch_size,  # Global batch size.
+            "eval_split": "val",
+            "num_eval_examples": num_eval_examples,
+            "eval_batch_size": 64,
+        }
+    )
+
+
+def logical_axis_rules() -> tuple:
+    """Logical axis name -> mesh axes (see editing_jax/train/sharding.py); a config may override any entry."""
+    from editing_jax.train import sharding
+
+    return sharding.DEFAULT_RULES
