@@ -28,6 +28,12 @@ def _command(workdir, out):
     return [sys.executable, "-m", "tests.helpers.toy", "--workdir", str(workdir), "--out", str(out), *ARGS], env
 
 
+def _checkpoint_dirs(workdir: pathlib.Path) -> list[str]:
+    """Names in the checkpoint directory right after a kill (committed steps and any half-written temp dirs)."""
+    directory = workdir / "checkpoints"
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
 def _identical(a_path, b_path) -> bool:
     a, b = np.load(a_path), np.load(b_path)
     return sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
@@ -47,7 +53,7 @@ def main():
         trials = []
         for trial in range(args.trials):
             command, env = _command(tmp / f"trial{trial}", tmp / f"trial{trial}.npz")
-            kill_times = []
+            kill_times, steps_at_kill = [], []
             for _ in range(int(rng.integers(1, 4))):
                 process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL)  # fmt: skip
@@ -56,10 +62,13 @@ def main():
                 if process.poll() is None:
                     process.send_signal(signal.SIGKILL)
                     kill_times.append(round(delay, 2))
+                    process.wait()
+                    steps_at_kill.append(_checkpoint_dirs(tmp / f"trial{trial}"))
                 process.wait()
             subprocess.run(command, env=env, check=True, capture_output=True, cwd=REPO)
             ok = _identical(tmp / "reference.npz", tmp / f"trial{trial}.npz")
-            trials.append({"kills_at_seconds": kill_times, "bit_identical": ok})
+            trials.append({"kills_at_seconds": kill_times, "checkpoint_dirs_after_kill": steps_at_kill,
+                           "bit_identical": ok})  # fmt: skip
             print(json.dumps(trials[-1]), flush=True)
     killed = [t for t in trials if t["kills_at_seconds"]]
     result = {
