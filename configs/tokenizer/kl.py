@@ -43,7 +43,7 @@ def get_config(arg=None):
     config.loss = ml_collections.ConfigDict({"recon_loss": "l1+l2", "kl_weight": 1e-6})
     config.optimizer = defaults.optimizer_config(learning_rate=2e-3, warmup_steps=10 if tiny else 100)
     config.train = defaults.train_config(
-        num_steps=20 if tiny else 2000,
+        num_steps=20 if tiny else 2500,
         log_every=5 if tiny else 50,
         checkpoint_every=10 if tiny else 500,
         sample_every=10 if tiny else 500,

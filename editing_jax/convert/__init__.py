@@ -1,0 +1,1 @@
+"""Converters from local Hugging Face-format safetensors checkpoints to Flax parameter trees."""
