@@ -59,15 +59,7 @@ class AutoencoderKL(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        trunk = dict(
-            block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            use_mid_block=self.use_mid_block,
-            mid_block_attention=self.mid_block_attention,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        trunk = conv.trunk_kwargs(self)
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = conv.Encoder(2 * self.latent_channels, **trunk)
         if self.use_quant_conv:

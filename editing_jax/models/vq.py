@@ -213,15 +213,7 @@ class VQModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        trunk = dict(
-            block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            use_mid_block=self.use_mid_block,
-            mid_block_attention=self.mid_block_attention,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        trunk = conv.trunk_kwargs(self)
         self.encoder = conv.Encoder(self.latent_channels, **trunk)
         self.quant_conv = conv.make_conv(
             self.code_dim, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="quant_conv"

@@ -320,3 +320,16 @@ class Decoder(nn.Module):
         x = nn.silu(make_group_norm(self.norm_num_groups, name="conv_norm_out", **kwargs)(x))
         x = make_conv(self.out_channels, 3, name="conv_out", **kwargs)(x)  # [B, H, W, out_channels]
         return constrain_batch(x)
+
+
+def trunk_kwargs(model: nn.Module) -> dict:
+    """Encoder/Decoder keyword arguments from a model that declares the trunk fields (VQModel, AutoencoderKL)."""
+    return dict(
+        block_out_channels=tuple(model.block_out_channels),
+        layers_per_block=model.layers_per_block,
+        norm_num_groups=model.norm_num_groups,
+        use_mid_block=model.use_mid_block,
+        mid_block_attention=model.mid_block_attention,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+    )

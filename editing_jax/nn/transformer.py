@@ -351,7 +351,22 @@ def _check_cond(cond_hidden: jax.Array | None, cond_temb: jax.Array | None) -> N
         raise ValueError("cond_hidden and cond_temb must be given together")
 
 
-class DoubleStreamBlock(nn.Module):
+class _BlockFields(nn.Module):
+    """Fields shared by the double- and single-stream blocks (documented on each block)."""
+
+    num_heads: int
+    head_dim: int
+    mlp_ratio: float = 4.0
+    qk_norm_eps: float = NORM_EPSILON
+    zero_init_modulation: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+
+class DoubleStreamBlock(_BlockFields):
     """Flux double-stream block: separate text/image weights, joint attention (diffusers' `FluxTransformerBlock`).
 
     Attributes:
@@ -365,17 +380,6 @@ class DoubleStreamBlock(nn.Module):
         MLPs: 'proj', 'net_2').
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
-
-    num_heads: int
-    head_dim: int
-    mlp_ratio: float = 4.0
-    qk_norm_eps: float = NORM_EPSILON
-    zero_init_modulation: bool = True
-    lora_rank: int = 0
-    lora_alpha: float = 1.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -446,7 +450,7 @@ class DoubleStreamBlock(nn.Module):
         return hidden_out, context_out, cond_out
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(_BlockFields):
     """Flux single-stream block: shared weights, parallel attention + MLP (diffusers' `FluxSingleTransformerBlock`).
 
     Text and image tokens are concatenated ([text; image]) and share one modulation from `temb`; condition tokens
@@ -463,17 +467,6 @@ class SingleStreamBlock(nn.Module):
         ('to_q', 'to_k', 'to_v', 'proj_mlp', 'proj_out').
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
-
-    num_heads: int
-    head_dim: int
-    mlp_ratio: float = 4.0
-    qk_norm_eps: float = NORM_EPSILON
-    zero_init_modulation: bool = True
-    lora_rank: int = 0
-    lora_alpha: float = 1.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
