@@ -10,6 +10,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
@@ -70,9 +71,10 @@ def _cmd_data_generate(args: argparse.Namespace) -> None:
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    dataset_dir = tfds_world.prepare_world_dataset(
-        out, split_sizes={args.split: args.num}, size=world.size, seed=config.seed, show_progress=not args.quiet
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # tfds prints banners; stdout is for the JSON result only.
+        dataset_dir = tfds_world.prepare_world_dataset(
+            out, split_sizes={args.split: args.num}, size=world.size, seed=config.seed, show_progress=not args.quiet
+        )
     preview_path = out / f"preview_{args.split}.png"
     samples = [edits.generate_sample(args.split, config.seed, i, world) for i in range(min(args.preview, args.num))]
     _write_preview(samples, preview_path)

@@ -21,11 +21,11 @@ def _run(capsys, *argv):
 def test_data_generate_writes_dataset_and_preview(tmp_path, capsys):
     out_dir = tmp_path / "world"
     code, out, err = _run(
-        capsys, "--quiet", "data", "generate", "--out", str(out_dir), "--split", "val", "--num", "6", "--size", "32",
+        capsys, "data", "generate", "--out", str(out_dir), "--split", "val", "--num", "6", "--size", "32",
         "--seed", "3", "--preview", "3",
     )  # fmt: skip
     assert code == 0, err
-    report = json.loads(out.strip().splitlines()[-1])
+    report = json.loads(out)  # stdout holds exactly the JSON result, even with tfds' progress output on.
     preview = image_io.read_image(report["preview"])
     assert preview.shape[0] > 3 * 32 and preview.dtype == np.uint8
     source = tfds_world.load_world_source(report["dataset_dir"], "val")
