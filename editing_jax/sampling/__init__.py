@@ -1,0 +1,1 @@
+"""Pure, jittable samplers: MaskGIT decoding with region hold and in-graph attention-map tools."""
