@@ -93,6 +93,7 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------------------------
 
     def _host_example_batch(self) -> dict:
+        """First batch of a fresh iterator: init shapes (and data-dependent init) without moving the train iterator."""
         return next(iter(self.dataset))
 
     def _init_fn(self, rng, batch):
