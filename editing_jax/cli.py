@@ -5,6 +5,9 @@ Subcommands:
   data check      print the verifier self-check figures as one JSON line
   train           train a method from a config, resuming from the workdir
   verify          score an image against a target scene graph, as one JSON line
+  edit            edit one image with a trained EditMGT checkpoint
+  eval            verifier success per edit type and preservation L1 on a world split
+  quickstart      world -> VQ -> EditMGT -> held-out evaluation, figures and metrics in one run
 """
 
 from __future__ import annotations
@@ -30,10 +33,18 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from editing_jax import inference
     from editing_jax.data import image_io, manifest
     from editing_jax.train import checkpoint
 
-    return (UserError, config_lib.ConfigError, image_io.ImageError, manifest.ManifestError, checkpoint.CheckpointError)
+    return (
+        UserError,
+        config_lib.ConfigError,
+        image_io.ImageError,
+        manifest.ManifestError,
+        checkpoint.CheckpointError,
+        inference.EditorError,
+    )
 
 
 def _aborted_type() -> type[BaseException]:
@@ -160,31 +171,112 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     import jax
 
-    from editing_jax import methods
-    from editing_jax.train import data as train_data
     from editing_jax.train import trainer
 
     if args.distributed:
         jax.distributed.initialize()
     config = config_lib.load_config(args.config, args.config_overrides)
     try:
-        objective = methods.build_objective(config)
-        dataset = train_data.make_train_dataset(config.data)
+        run = trainer.build_trainer(
+            config, args.workdir, restore=args.restore, progress=not args.quiet, with_eval=not args.compile_only
+        )
     except ValueError as error:
         raise UserError(f"invalid config {args.config}: {error}") from error
-    eval_batches = [] if args.compile_only else train_data.make_eval_batches(config.data)
-    run = trainer.Trainer(
-        config,
-        args.workdir,
-        objective=objective,
-        dataset=dataset,
-        eval_batches=eval_batches,
-        restore=args.restore,
-        progress=not args.quiet,
-    )
     summary = run.run(compile_only=args.compile_only)
     if jax.process_index() == 0:
         print(json.dumps(summary, sort_keys=True))
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict:
+    return {
+        "num_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "gamma": args.gamma,
+        "region_hold_threshold": args.region_hold_threshold,
+        "filter": args.filter,
+        "text_positions": "keyword" if getattr(args, "query", None) else None,
+    }
+
+
+def _settings(editor, args: argparse.Namespace):
+    try:
+        return editor.settings(**_sampling_overrides(args))
+    except ValueError as error:
+        raise UserError(str(error)) from error
+
+
+def _cmd_edit(args: argparse.Namespace) -> None:
+    from editing_jax import inference
+    from editing_jax.data import image_io
+
+    if not args.instruction.strip():
+        raise UserError("--instruction is empty")
+    out = pathlib.Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise UserError(f"--out {out}: use an image extension (.png, .jpg, ...)")
+    editor = inference.load_editor(args.checkpoint)
+    image = inference.load_image_for(editor, args.image)
+    settings = _settings(editor, args)
+    batch = editor.prepare(image[None], [args.instruction], query=args.query)
+    outputs = editor.run(batch, settings, seed=args.seed)
+    image_io.write_image_atomic(out, outputs["images"][0])
+    report = {
+        "out": str(out),
+        "size": editor.image_size,
+        "steps": settings.num_steps,
+        "held_fraction": float(np.mean(outputs["held"][0])),
+    }
+    if args.save_attention:
+        attention = np.round(np.clip(outputs["attention"][0], 0.0, 1.0) * 255.0).astype(np.uint8)
+        attention = np.repeat(np.repeat(attention, editor.image_size // attention.shape[0], 0), editor.image_size
+                              // attention.shape[1], 1)  # fmt: skip
+        image_io.write_image_atomic(args.save_attention, np.repeat(attention[..., None], 3, axis=-1))
+        report["attention"] = str(args.save_attention)
+    print(json.dumps(report, sort_keys=True))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from editing_jax import inference
+
+    editor = inference.load_editor(args.checkpoint)
+    settings = _settings(editor, args)
+    report = inference.evaluate_split(
+        editor,
+        split=args.split,
+        num_examples=args.num,
+        batch_size=args.batch_size,
+        settings=settings,
+        seed=args.seed,
+        show_progress=not args.quiet,
+    )
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    summary = {name: {"verifier_success": r["verifier_success"], "preservation_l1": r["preservation_l1"]}
+               for name, r in report["results"].items()}  # fmt: skip
+    print(json.dumps({"out": args.out, "results": summary}, sort_keys=True))
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from editing_jax import quickstart
+
+    report = quickstart.run(args.workdir, show_progress=not args.quiet, num_eval=args.num_eval)
+    print(json.dumps(report["summary"], sort_keys=True))
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=None, help="decoding steps (default: from the checkpoint)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (0 = off)")
+    parser.add_argument("--gamma", type=float, default=None, help="condition strength gamma (1 = plain attention)")
+    parser.add_argument("--region_hold_threshold", type=float, default=None, help="lambda; 0 disables region hold")
+    parser.add_argument(
+        "--filter", default=None, help="attention smoothing: none/gaussian/bilateral/morphological/adaptive"
+    )
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--source", default=None, help="source image, for preservation L1")
     verify.add_argument("--edit_mask", default=None, help="edit mask image (white = edited), with --source")
     verify.set_defaults(handler=_cmd_verify)
+
+    edit = commands.add_parser("edit", help="edit one image with a trained EditMGT checkpoint")
+    edit.add_argument("--checkpoint", required=True, help="EditMGT run directory (or checkpoints/step dir)")
+    edit.add_argument("--image", required=True, help="input image (center-cropped and resized to the model size)")
+    edit.add_argument("--instruction", required=True, help="edit instruction")
+    edit.add_argument("--out", required=True, help="output image path (written atomically)")
+    edit.add_argument("--query", default=None, help="phrase of the instruction whose attention drives region hold")
+    edit.add_argument("--save_attention", default=None, help="also write the consolidated attention map here")
+    _add_sampling_flags(edit)
+    edit.set_defaults(handler=_cmd_edit)
+
+    evaluate = commands.add_parser("eval", help="verifier success per edit type on a world split")
+    evaluate.add_argument("--checkpoint", required=True, help="EditMGT run directory")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--num", type=int, default=256, help="number of examples")
+    evaluate.add_argument("--batch_size", type=int, default=64)
+    evaluate.add_argument("--out", default=None, help="write the full results JSON here")
+    _add_sampling_flags(evaluate)
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    quick = commands.add_parser("quickstart", help="world -> VQ -> EditMGT -> held-out eval, on CPU in minutes")
+    quick.add_argument("--workdir", required=True, help="everything goes here; an interrupted run resumes")
+    quick.add_argument("--num_eval", type=int, default=256, help="held-out examples to evaluate")
+    quick.set_defaults(handler=_cmd_quickstart)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 VQ tokenizer (the MGT's image tokens) trained on the synthetic world's source and target images.
 
-Variants (comma-separated): `size=32|64` canvas size (default 32); `tiny` a CI-sized model and a few steps.
+Variants (comma-separated): `size=32|64` canvas size (default 32); `quick` the quickstart's smaller model and
+shorter schedule (32 px, a few minutes on 2 CPU cores); `tiny` a CI-sized model and a few steps.
 """
 
 import ml_collections
@@ -10,13 +11,14 @@ import ml_collections
 from editing_jax import config_lib
 from editing_jax.train import defaults
 
-VARIANTS = ("size=32", "size=64", "size=32,tiny")
+VARIANTS = ("size=32", "size=64", "size=32,quick", "size=32,tiny")
 
 
 def get_config(arg=None):
-    args = config_lib.parse_config_arg(arg, allowed=("size", "tiny"))
+    args = config_lib.parse_config_arg(arg, allowed=("size", "quick", "tiny"))
     size = int(args.get("size", 32))
     tiny = bool(args.get("tiny", False))
+    quick = bool(args.get("quick", False))
 
     config = ml_collections.ConfigDict()
     config.method = "tokenizer_vq"
@@ -56,6 +58,16 @@ def get_config(arg=None):
         sample_every=10 if tiny else 500,
         eval_every=0,
     )
+    if quick:
+        if tiny or size != 32:
+            raise config_lib.ConfigError("the 'quick' variant is for size=32 without 'tiny'")
+        config.model.block_out_channels = (16, 32)
+        config.model.norm_num_groups = 8
+        config.model.codebook_size = 512
+        config.optimizer = defaults.optimizer_config(learning_rate=3e-3, warmup_steps=50)
+        config.train.num_steps = 1200
+        config.train.checkpoint_every = 400
+        config.train.sample_every = 400
     config.mesh = defaults.mesh_config()
     config.logical_axis_rules = defaults.logical_axis_rules()
     return config

@@ -39,9 +39,16 @@ def _tokenizer_kl(config) -> Objective:
     return tokenizer.make_kl_objective(AutoencoderKL(**module_kwargs(config.model)), **dict(config.loss))
 
 
+def _editmgt(config) -> Objective:
+    from editing_jax.methods import editmgt
+
+    return editmgt.build_objective(config)
+
+
 METHODS: dict[str, Callable[..., Objective]] = {
     "tokenizer_vq": _tokenizer_vq,
     "tokenizer_kl": _tokenizer_kl,
+    "editmgt": _editmgt,
 }
 
 

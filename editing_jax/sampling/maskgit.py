@@ -87,7 +87,8 @@ def decode(
 
     Returns:
         tokens: [B, L] int32 decoded tokens.
-        aux: `held` [B, L] bool, `num_held` [B] int32, `num_masked` [S, B] int32 (masked count after each step).
+        aux: `held` [B, L] bool, `num_held` [B] int32, `num_masked` [S, B] int32 (masked count after each step),
+            and with attention scores `scores` [S, B, L] float32 (the map each step used).
     """
     source_tokens = source_tokens.astype(jnp.int32)  # [B, L]
     batch, length = source_tokens.shape
@@ -119,6 +120,7 @@ def decode(
             scores = attention_fn(state.tokens, step) if attention_fn is not None else outputs[2]  # [B, L]
             newly_held = state.unknown & (scores < threshold)  # [B, L]
         else:
+            scores = jnp.zeros(state.tokens.shape, jnp.float32)
             newly_held = jnp.zeros_like(state.unknown)
         sampled = jnp.where(newly_held, source_tokens, sampled)
         free = state.unknown & ~newly_held  # [B, L] candidates for re-masking
@@ -144,7 +146,7 @@ def decode(
             rng=rng,
             held=state.held | newly_held,
         )
-        return new_state, jnp.sum(remask, axis=-1).astype(jnp.int32)
+        return new_state, (jnp.sum(remask, axis=-1).astype(jnp.int32), scores.astype(jnp.float32))
 
     init = SamplerState(
         step=jnp.zeros((), jnp.int32),
@@ -153,8 +155,10 @@ def decode(
         rng=rng,
         held=jnp.zeros((batch, length), bool),
     )
-    final, num_masked = jax.lax.scan(body, init, None, length=num_steps)
+    final, (num_masked, scores) = jax.lax.scan(body, init, None, length=num_steps)
     aux = {"held": final.held, "num_held": jnp.sum(final.held, axis=-1).astype(jnp.int32), "num_masked": num_masked}
+    if has_attention:
+        aux["scores"] = scores
     return final.tokens, aux
 
 

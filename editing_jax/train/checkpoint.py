@@ -7,6 +7,7 @@ that fails to restore (e.g. a truncated file) is skipped in favour of the previo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -106,3 +107,52 @@ def resolve_restore_path(path: str | pathlib.Path) -> tuple[pathlib.Path, int | 
     if any(p.name.isdigit() for p in path.iterdir()):
         return path, None
     raise CheckpointError(f"--restore {path} holds no checkpoint steps")
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained run loaded for inference: arrays as saved (on the default device), and the run's config."""
+
+    params: Any
+    model_state: Any
+    ema_params: Any
+    config: Any  # ml_collections.ConfigDict
+    step: int
+    directory: pathlib.Path
+
+    @property
+    def inference_params(self) -> Any:
+        """EMA params when the run kept them, else the raw params."""
+        return self.ema_params if self.ema_params is not None else self.params
+
+
+def load_trained(path: str | pathlib.Path) -> TrainedModel:
+    """Loads params, model state and config of a run (a workdir, its checkpoints directory or one step directory).
+
+    Raises CheckpointError with a one-line reason when nothing usable is there.
+    """
+    from editing_jax import config_lib
+
+    directory, step = resolve_restore_path(path)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{path} holds no committed checkpoint step")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as error:  # noqa: BLE001 - report any unreadable checkpoint as a user-facing error.
+            raise CheckpointError(f"cannot read checkpoint step {step} in {directory}: {error}") from error
+    finally:
+        manager.close()
+    state = restored.state
+    config = config_lib.config_from_json(json.dumps(restored.config))
+    return TrainedModel(
+        params=state["params"],
+        model_state=state.get("model_state") or {},
+        ema_params=state.get("ema_params"),
+        config=config,
+        step=int(step),
+        directory=directory,
+    )

@@ -19,12 +19,16 @@ def _source(data_config, split: str, num_examples: int):
     raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds")
 
 
-def make_train_dataset(data_config):
-    """Infinite, shuffled, host-sharded batches of `batch_size / process_count` examples."""
+def make_train_dataset(data_config, prepare=None):
+    """Infinite, shuffled, host-sharded batches of `batch_size / process_count` examples.
+
+    `prepare` (an objective's `prepare_batch`) maps each host batch; it is stateless, so iterator checkpoints are
+    unaffected.
+    """
     process_count = jax.process_count()
     if data_config.batch_size % process_count:
         raise ValueError(f"batch_size {data_config.batch_size} is not divisible by {process_count} processes")
-    return pipeline.make_dataset(
+    dataset = pipeline.make_dataset(
         _source(data_config, "train", int(data_config.num_train_examples)),
         batch_size=int(data_config.batch_size) // process_count,
         seed=int(data_config.shuffle_seed),
@@ -33,10 +37,11 @@ def make_train_dataset(data_config):
         shard_index=jax.process_index(),
         shard_count=process_count,
     )
+    return dataset.map(prepare) if prepare is not None else dataset
 
 
-def make_eval_batches(data_config) -> list[dict]:
-    """Host batches of the eval split (not sharded: evaluation runs on every host's full copy)."""
+def make_eval_batches(data_config, prepare=None) -> list[dict]:
+    """Host batches of the eval split (not sharded: evaluation runs on every host's full copy), mapped by `prepare`."""
     num = int(data_config.num_eval_examples)
     if num <= 0:
         return []
@@ -48,4 +53,4 @@ def make_eval_batches(data_config) -> list[dict]:
         num_epochs=1,
         drop_remainder=False,
     )
-    return list(dataset)
+    return [prepare(batch) if prepare is not None else batch for batch in dataset]

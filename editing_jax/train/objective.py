@@ -43,6 +43,8 @@ class Objective:
       visualize: optional (params, model_state, batch) -> (rows, column_labels) of images for PNG grids; rows is
         a list of lists of arrays [H, W, 3] in [0, 1].
       evaluate: optional (params, model_state, batches) -> dict of float metrics, run off the hot path.
+      prepare_batch: optional host-side (NumPy) batch -> batch transform applied by the data pipeline before
+        batches reach the device (e.g. text tokenization: strings never enter the step).
     """
 
     name: str
@@ -50,3 +52,4 @@ class Objective:
     loss: LossFn
     visualize: Callable[..., tuple[list[list[Any]], list[str]]] | None = None
     evaluate: Callable[..., dict[str, float]] | None = None
+    prepare_batch: Callable[[Batch], Batch] | None = None

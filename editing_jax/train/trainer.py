@@ -259,3 +259,27 @@ class Trainer:
     def _evaluate(self, state) -> dict[str, float]:
         metrics = self.objective.evaluate(state.params, state.model_state, self.eval_batches)
         return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+
+def build_trainer(config, workdir, *, restore: str | None = None, progress: bool = True, with_eval: bool = True,
+                  devices: list | None = None) -> Trainer:  # fmt: skip
+    """The objective for `config.method`, its data pipelines and a Trainer (what `editing-jax train` runs).
+
+    Raises ValueError for an invalid config.
+    """
+    from editing_jax import methods
+    from editing_jax.train import data as train_data
+
+    objective = methods.build_objective(config)
+    dataset = train_data.make_train_dataset(config.data, objective.prepare_batch)
+    eval_batches = train_data.make_eval_batches(config.data, objective.prepare_batch) if with_eval else []
+    return Trainer(
+        config,
+        workdir,
+        objective=objective,
+        dataset=dataset,
+        eval_batches=eval_batches,
+        restore=restore,
+        progress=progress,
+        devices=devices,
+    )

@@ -1,0 +1,527 @@
+"""EditMGT: masked-token training of the MGT on VQ tokens, and the one-jit editing sampler with region hold.
+
+Stages (config `stage`):
+  * 't2i': text-to-image pretraining; text = target caption, no condition tokens.
+  * 'edit': edit fine-tuning on (source, instruction, target); the source tokens are EditMGT's condition C_V.
+
+Training (paper eq. 1): tokens of the target image are masked at a rate r drawn from the truncated arccos density,
+and the loss is the cross-entropy on masked positions only. The text is dropped (empty) with probability
+`loss.cfg_dropout` so the model also learns the unconditional prediction used by classifier-free guidance.
+
+The frozen VQ tokenizer rides along in the model state (`model_state['tokenizer']`), so an EditMGT checkpoint is
+self-contained: `editing-jax edit/eval` need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from editing_jax.methods.tokenizer import float_to_uint8, images_to_float
+from editing_jax.models.mgt import MaskedGenerativeTransformer, captured_attention
+from editing_jax.models.vq import VQModel
+from editing_jax.sampling import attention_maps, maskgit
+from editing_jax.text.encoder import TextEncoder
+from editing_jax.text.tokenizer import WordTokenizer
+from editing_jax.train.objective import Batch, LossAux, Objective
+
+PyTree = Any
+STAGES = ("t2i", "edit")
+# Meissonic's micro-conditions: original (width, height), crop (top, left), aesthetic score.
+AESTHETIC_SCORE = 6.0
+MAX_VISUALIZED_ROWS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Inference settings of the editing sampler (static ones change the compiled graph)."""
+
+    num_steps: int = 12
+    guidance_scale: float = 0.0
+    temperature: float = 2.0
+    gamma: float = 1.0
+    region_hold_threshold: float = 0.0
+    attention_layers: tuple[int, int] = (0, 4)  # [start, stop) global block indices averaged
+    text_positions: str = "all"  # 'all' instruction words, or 'keyword' (the world's keyword span / --query)
+    filter: str = "gaussian"
+    filter_sigma: float = 1.0
+    filter_radius: int = 1
+    keep_peaks: bool = True
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> SamplingSettings:
+        values = {field.name: config.get(field.name, field.default) for field in dataclasses.fields(cls)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["attention_layers"] = tuple(int(v) for v in values["attention_layers"])
+        if values["filter"] not in attention_maps.SMOOTHING_METHODS:
+            raise ValueError(f"filter must be one of {attention_maps.SMOOTHING_METHODS}, got {values['filter']!r}")
+        if values["text_positions"] not in ("all", "keyword"):
+            raise ValueError(f"text_positions must be 'all' or 'keyword', got {values['text_positions']!r}")
+        if int(values["num_steps"]) < 1:
+            raise ValueError("num_steps must be >= 1")
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditMGT:
+    """The modules of an EditMGT model (stateless; parameters are passed in).
+
+    params = {'mgt': ..., 'text_encoder': ...}; model_state = {'tokenizer': VQ variables}.
+    """
+
+    mgt: MaskedGenerativeTransformer
+    text_encoder: TextEncoder
+    vq: VQModel
+    text_tokenizer: WordTokenizer
+    image_size: int
+    stage: str = "edit"
+
+    @property
+    def token_grid(self) -> int:
+        return self.image_size // self.vq.downsample_factor
+
+    @property
+    def uses_condition(self) -> bool:
+        return self.stage == "edit"
+
+    def micro_conds(self, batch_size: int) -> jax.Array:
+        values = jnp.asarray([self.image_size, self.image_size, 0.0, 0.0, AESTHETIC_SCORE], jnp.float32)
+        return jnp.broadcast_to(values, (batch_size, 5))
+
+    def encode_images(self, model_state: PyTree, images_uint8: jax.Array) -> jax.Array:
+        """uint8 `[B, H, W, 3]` -> tokens `[B, h, w]` int32 (frozen tokenizer)."""
+        variables = jax.lax.stop_gradient(model_state["tokenizer"])
+        return self.vq.apply(variables, images_to_float(images_uint8), method=VQModel.encode).astype(jnp.int32)
+
+    def decode_tokens(self, model_state: PyTree, tokens: jax.Array) -> jax.Array:
+        """tokens `[B, h, w]` -> uint8 images `[B, H, W, 3]`."""
+        images = self.vq.apply(model_state["tokenizer"], tokens, method=VQModel.decode_indices)
+        return float_to_uint8(images)
+
+    def encode_text(self, params: PyTree, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Host-side: tokenizes the stage's text ('instruction' for edit, 'target_caption' for t2i)."""
+        batch = dict(batch)
+        if self.stage == "edit":
+            texts = [str(t) for t in batch["instruction"]]
+            spans = np.asarray(batch["keyword_span"]) if "keyword_span" in batch else None
+        else:
+            texts = [str(t) for t in batch["target_caption"]]
+            spans = None
+        encoded = self.text_tokenizer.encode(texts, spans)
+        batch["text_ids"] = encoded["ids"]
+        batch["text_mask"] = encoded["mask"]
+        batch["keyword_mask"] = encoded["span_mask"]
+        return batch
+
+    def logits(
+        self,
+        params: PyTree,
+        tokens: jax.Array,
+        text: tuple[jax.Array, jax.Array, jax.Array],
+        timestep: jax.Array,
+        cond_tokens: jax.Array | None,
+        *,
+        gamma: float | jax.Array | None = None,
+        capture_layers: tuple[int, ...] = (),
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`."""
+        hidden, mask, pooled = text
+        args = (tokens, hidden, mask, pooled, timestep, self.micro_conds(tokens.shape[0]))
+        kwargs = dict(cond_tokens=cond_tokens, gamma=gamma, capture_layers=capture_layers)
+        variables = {"params": params["mgt"]}
+        if not capture_layers:
+            return self.mgt.apply(variables, *args, **kwargs), None
+        logits, sown = self.mgt.apply(variables, *args, **kwargs, mutable=["intermediates"])
+        return logits, captured_attention(self.mgt, sown["intermediates"], capture_layers)
+
+
+def _mask_tokens(rng: jax.Array, tokens: jax.Array, mask_token_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Masks each row at an arccos-distributed rate; returns (inputs, masked [B, L] bool, fraction masked [B])."""
+    batch, length = tokens.shape
+    rate_rng, order_rng = jax.random.split(rng)
+    rate = maskgit.sample_mask_rate(rate_rng, (batch,))  # [B]
+    num_masked = jnp.clip(jnp.ceil(rate * length), 1, length).astype(jnp.int32)  # [B]
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(order_rng, (batch, length)), axis=-1), axis=-1)  # [B, L]
+    masked = ranks < num_masked[:, None]
+    inputs = jnp.where(masked, mask_token_id, tokens)
+    return inputs, masked, num_masked.astype(jnp.float32) / length
+
+
+def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.zeros_like(ids), jnp.zeros_like(mask)
+
+
+def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1):
+    """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`."""
+
+    def loss(params, model_state, batch, rng):
+        mask_rng, drop_rng = jax.random.split(rng)
+        target = model.encode_images(model_state, batch["target_image"])  # [B, h, w]
+        batch_size, height, width = target.shape
+        cond = model.encode_images(model_state, batch["source_image"]) if model.uses_condition else None
+        inputs, masked, fraction = _mask_tokens(mask_rng, target.reshape(batch_size, -1), model.mgt.mask_token_id)
+        drop = jax.random.uniform(drop_rng, (batch_size,)) < cfg_dropout  # [B]
+        ids = jnp.where(drop[:, None], 0, batch["text_ids"])
+        text_mask = batch["text_mask"] & ~drop[:, None]
+        hidden, pooled = model.encode_text(params, ids, text_mask)
+        logits, _ = model.logits(
+            params, inputs.reshape(batch_size, height, width), (hidden, text_mask, pooled), fraction, cond
+        )
+        logits = logits.reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
+        labels = target.reshape(batch_size, -1)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
+        weights = masked.astype(jnp.float32)
+        total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        metrics = {
+            "loss": total,
+            "masked_accuracy": jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+            "mask_rate": jnp.mean(fraction),
+        }
+        return total, LossAux(metrics=metrics, model_state=model_state)
+
+    return loss
+
+
+def make_edit_fn(model: EditMGT, settings: SamplingSettings):
+    """Builds `edit(params, model_state, source_uint8, text_ids, text_mask, text_positions, rng, lam, gamma)`.
+
+    One jitted function: encode the source, run S MaskGIT steps (each one MGT forward, CFG batched with the
+    unconditional pass), consolidate text->image attention of `settings.attention_layers` over `text_positions`,
+    smooth it in-graph, hold regions below `lam`, decode the tokens. `lam` and `gamma` are traced (no recompiles
+    for sweeps); the number of steps, filter and layer range are static.
+
+    Returns a dict: images uint8 `[B, H, W, 3]`, tokens `[B, h, w]`, source_tokens, held `[B, h, w]` bool,
+    attention `[B, h, w]` (the map averaged over steps), num_held `[B]`.
+    """
+    start, stop = settings.attention_layers
+    if not 0 <= start < stop <= model.mgt.num_blocks:
+        raise ValueError(f"attention_layers {settings.attention_layers} outside [0, {model.mgt.num_blocks}]")
+    capture = tuple(range(start, stop))
+    grid = model.token_grid
+    inner_grid = grid // 2 if model.mgt.downsample else grid
+    use_cfg = settings.guidance_scale != 0.0
+    smooth = functools.partial(
+        attention_maps.smooth,
+        method=settings.filter,
+        sigma=settings.filter_sigma,
+        radius=settings.filter_radius,
+        keep_peaks=settings.keep_peaks,
+    )
+
+    def edit(params, model_state, source_uint8, text_ids, text_mask, text_positions, rng, lam, gamma):
+        batch = source_uint8.shape[0]
+        source = model.encode_images(model_state, source_uint8)  # [B, h, w]
+        cond = source if model.uses_condition else None
+        hidden, pooled = model.encode_text(params, text_ids, text_mask)
+        text = (hidden, text_mask, pooled)
+        if use_cfg:
+            empty_ids, empty_mask = _empty_text(text_ids, text_mask)
+            hidden_u, pooled_u = model.encode_text(params, empty_ids, empty_mask)
+            text = tuple(
+                jnp.concatenate(pair, axis=0) for pair in zip(text, (hidden_u, empty_mask, pooled_u), strict=True)
+            )
+            cond = None if cond is None else jnp.concatenate([cond, cond], axis=0)
+        text_len = text_ids.shape[1]
+        image_slice = slice(text_len, text_len + inner_grid * inner_grid)
+
+        def logits_fn(tokens, step):
+            del step
+            tokens = tokens.reshape(batch, grid, grid)
+            fraction = jnp.mean(tokens == model.mgt.mask_token_id, axis=(1, 2)).astype(jnp.float32)  # [B]
+            if use_cfg:
+                tokens, fraction = jnp.concatenate([tokens, tokens]), jnp.concatenate([fraction, fraction])
+            logits, probs = model.logits(params, tokens, text, fraction, cond, gamma=gamma, capture_layers=capture)
+            logits = logits.reshape(logits.shape[0], grid * grid, -1)
+            probs = probs[:, :batch]  # text->image maps of the conditional pass
+            maps = attention_maps.consolidate(
+                probs, (0, len(capture)), text_positions, image_slice, grid_shape=(inner_grid, inner_grid)
+            )  # [B, g, g]
+            if inner_grid != grid:
+                maps = jnp.repeat(jnp.repeat(maps, 2, axis=1), 2, axis=2)  # [B, h, w]
+            scores = smooth(maps).reshape(batch, -1)  # [B, L]
+            uncond = logits[batch:] if use_cfg else None
+            return logits[:batch], uncond, scores
+
+        tokens, aux = maskgit.decode(
+            logits_fn,
+            source.reshape(batch, -1),
+            num_steps=settings.num_steps,
+            mask_token_id=model.mgt.mask_token_id,
+            rng=rng,
+            temperature=settings.temperature,
+            guidance_scale=settings.guidance_scale,
+            region_hold_threshold=lam,
+        )
+        tokens = tokens.reshape(batch, grid, grid)
+        return {
+            "images": model.decode_tokens(model_state, tokens),
+            "tokens": tokens,
+            "source_tokens": source,
+            "held": aux["held"].reshape(batch, grid, grid),
+            "attention": jnp.mean(aux["scores"], axis=0).reshape(batch, grid, grid),
+            "num_held": aux["num_held"],
+        }
+
+    return jax.jit(edit)
+
+
+def text_positions_for(batch: Batch, mode: str) -> np.ndarray:
+    """`[B, Lt]` float weights of the text positions whose attention is consolidated."""
+    if mode == "keyword":
+        keyword = np.asarray(batch["keyword_mask"], bool)
+        # Rows without a keyword (identity edits) fall back to every word.
+        return np.where(keyword.any(axis=1, keepdims=True), keyword, np.asarray(batch["text_mask"], bool)).astype(
+            np.float32
+        )
+    return np.asarray(batch["text_mask"], np.float32)
+
+
+def run_edits(edit_fn, params, model_state, batch: Batch, settings: SamplingSettings, *, seed: int = 0,
+              region_hold_threshold: float | None = None, gamma: float | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Runs `edit_fn` on a prepared host batch; returns host arrays."""
+    lam = settings.region_hold_threshold if region_hold_threshold is None else region_hold_threshold
+    gamma = settings.gamma if gamma is None else gamma
+    out = edit_fn(
+        params,
+        model_state,
+        jnp.asarray(batch["source_image"]),
+        jnp.asarray(batch["text_ids"]),
+        jnp.asarray(batch["text_mask"]),
+        jnp.asarray(text_positions_for(batch, settings.text_positions)),
+        jax.random.key(seed),
+        jnp.float32(lam),
+        jnp.float32(gamma),
+    )
+    return jax.device_get(out)
+
+
+def score_edits(outputs: dict[str, np.ndarray], batch: Batch) -> dict[str, np.ndarray]:
+    """Verifier success and preservation L1 (outside the edit mask, vs the source) per example."""
+    from editing_jax.data.world import verifier
+
+    result = verifier.verify(
+        outputs["images"],
+        [str(scene) for scene in batch["target_scene"]],
+        sources=np.asarray(batch["source_image"]),
+        edit_masks=np.asarray(batch["edit_mask"]),
+    )
+    return {"success": result.success.astype(np.float64), "preservation_l1": result.preservation_l1}
+
+
+def evaluate_batches(
+    edit_fn,
+    params,
+    model_state,
+    batches: Iterable[Batch],
+    settings: SamplingSettings,
+    *,
+    thresholds: dict[str, float],
+    gamma: float | None = None,
+    seed: int = 0,
+    progress=None,
+) -> dict[str, Any]:
+    """Verifier success (overall and per edit type) and preservation L1 for each named region-hold threshold."""
+    per_setting: dict[str, dict[str, list]] = {name: {"success": [], "l1": [], "type": []} for name in thresholds}
+    for index, batch in enumerate(batches):
+        for name, lam in thresholds.items():
+            outputs = run_edits(edit_fn, params, model_state, batch, settings, seed=seed + index,
+                                region_hold_threshold=lam, gamma=gamma)  # fmt: skip
+            scores = score_edits(outputs, batch)
+            per_setting[name]["success"].extend(scores["success"].tolist())
+            per_setting[name]["l1"].extend(scores["preservation_l1"].tolist())
+            per_setting[name]["type"].extend(str(t) for t in batch["edit_type"])
+        if progress is not None:
+            progress.update(1)
+    results = {}
+    for name, values in per_setting.items():
+        success, l1, types = np.asarray(values["success"]), np.asarray(values["l1"]), np.asarray(values["type"])
+        results[name] = {
+            "region_hold_threshold": thresholds[name],
+            "num_examples": int(success.size),
+            "verifier_success": float(success.mean()) if success.size else math.nan,
+            "preservation_l1": float(np.nanmean(l1)) if l1.size else math.nan,
+            "per_edit_type": {
+                edit_type: {
+                    "verifier_success": float(success[types == edit_type].mean()),
+                    "preservation_l1": float(np.nanmean(l1[types == edit_type])),
+                    "num_examples": int((types == edit_type).sum()),
+                }
+                for edit_type in sorted(set(types.tolist()))
+            },
+        }
+    return results
+
+
+def attention_to_rgb(maps: np.ndarray) -> np.ndarray:
+    """[B, h, w] in [0, 1] -> [B, h, w, 3] float gray images."""
+    return np.repeat(np.clip(np.asarray(maps, np.float32), 0.0, 1.0)[..., None], 3, axis=-1)
+
+
+def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: float, settings: SamplingSettings,
+                   eval_threshold: float, init_params: PyTree | None = None) -> Objective:  # fmt: skip
+    """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
+    'mgt' / 'text_encoder' params (a previous stage's run)."""
+    edit_fn = make_edit_fn(model, settings)
+
+    def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
+        mgt_rng, text_rng = jax.random.split(rng)
+        batch_size = batch["text_ids"].shape[0]
+        (hidden, pooled), text_variables = model.text_encoder.init_with_output(
+            text_rng, batch["text_ids"], batch["text_mask"]
+        )
+        text_params = text_variables["params"]
+        grid = model.token_grid
+        tokens = jnp.zeros((batch_size, grid, grid), jnp.int32)
+        mgt_params = model.mgt.init(
+            mgt_rng,
+            tokens,
+            hidden,
+            batch["text_mask"],
+            pooled,
+            jnp.ones((batch_size,), jnp.float32),
+            model.micro_conds(batch_size),
+            cond_tokens=tokens if model.uses_condition else None,
+        )["params"]
+        params = {"mgt": mgt_params, "text_encoder": text_params}
+        if init_params is not None:
+            params = _replace_params(params, init_params)
+        return {"params": params, "tokenizer": frozen_tokenizer}
+
+    def visualize(params, model_state, batch):
+        batch = {k: v[:MAX_VISUALIZED_ROWS] for k, v in batch.items()}
+        outputs = run_edits(edit_fn, params, model_state, batch, settings, region_hold_threshold=eval_threshold)
+        rows = []
+        for i in range(len(outputs["images"])):
+            held = attention_to_rgb(outputs["held"][i : i + 1].astype(np.float32))[0]
+            rows.append([
+                np.asarray(batch["source_image"][i], np.float32) / 255.0,
+                np.asarray(batch["target_image"][i], np.float32) / 255.0,
+                outputs["images"][i].astype(np.float32) / 255.0,
+                attention_to_rgb(outputs["attention"][i : i + 1])[0],
+                held,
+            ])  # fmt: skip
+        return rows, ["source", "target", "output", "attention", "held"]
+
+    def evaluate(params, model_state, batches):
+        results = evaluate_batches(
+            edit_fn, params, model_state, batches, settings, thresholds={"plain": 0.0, "hold": eval_threshold}
+        )
+        metrics = {}
+        for name, result in results.items():
+            metrics[f"{name}/verifier_success"] = result["verifier_success"]
+            metrics[f"{name}/preservation_l1"] = result["preservation_l1"]
+        return metrics
+
+    return Objective(
+        name=f"editmgt_{model.stage}",
+        init=init,
+        loss=make_loss(model, cfg_dropout=cfg_dropout),
+        visualize=visualize,
+        evaluate=evaluate,
+        prepare_batch=model.prepare_batch,
+    )
+
+
+def _replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
+    """Takes `loaded` leaves wherever the tree paths and shapes match `fresh`; errors on a shape mismatch."""
+    flat_loaded = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if key not in flat_loaded:
+            return leaf
+        value = flat_loaded[key]
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise ValueError(f"init_from param {key} has shape {tuple(value.shape)}, expected {tuple(leaf.shape)}")
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
+# ---- building from a config ------------------------------------------------------------------------------------
+
+
+def build_model(config) -> EditMGT:
+    """Modules from a (resolved) config: `tokenizer.model_json` and `text.vocab` must be filled."""
+    from editing_jax.methods import module_kwargs
+
+    if not config.tokenizer.model_json:
+        raise ValueError("config.tokenizer.model_json is empty; build the objective first (it resolves it)")
+    if config.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
+    vq = VQModel(**module_kwargs(json.loads(config.tokenizer.model_json)))
+    tokenizer = WordTokenizer(
+        tuple(config.text.vocab.split()),
+        max_length=int(config.text.max_length),
+        num_hash_buckets=int(config.text.num_hash_buckets),
+    )
+    text_encoder = TextEncoder(
+        vocab_size=tokenizer.vocab_size,
+        width=int(config.text.width),
+        num_layers=int(config.text.num_layers),
+        num_heads=int(config.text.num_heads),
+        max_length=int(config.text.max_length),
+        pooled_dim=int(config.text.pooled_dim),
+    )
+    mgt = MaskedGenerativeTransformer(codebook_size=vq.codebook_size, **module_kwargs(config.model))
+    size = int(config.data.size)
+    if size % vq.downsample_factor:
+        raise ValueError(f"image size {size} is not divisible by the tokenizer's downsampling {vq.downsample_factor}")
+    grid = size // vq.downsample_factor
+    if mgt.downsample and grid % 2:
+        raise ValueError(f"model.downsample needs an even token grid, got {grid}")
+    return EditMGT(mgt, text_encoder, vq, tokenizer, size, str(config.stage))
+
+
+def resolve_config(config) -> None:
+    """Fills `tokenizer.model_json` (from the tokenizer run) and `text.vocab` (from the world) when empty."""
+    from editing_jax.text.tokenizer import world_vocabulary
+    from editing_jax.train import checkpoint
+
+    if not config.tokenizer.model_json:
+        if not config.tokenizer.checkpoint:
+            raise ValueError("set tokenizer.checkpoint to a trained VQ run (editing-jax train configs/tokenizer/vq.py)")
+        trained = checkpoint.load_trained(config.tokenizer.checkpoint)
+        if trained.config.method != "tokenizer_vq":
+            raise ValueError(f"tokenizer.checkpoint {config.tokenizer.checkpoint} is a {trained.config.method} run")
+        if int(trained.config.data.size) != int(config.data.size):
+            raise ValueError(
+                f"the tokenizer was trained at {trained.config.data.size} px but data.size is {config.data.size}"
+            )
+        config.tokenizer.model_json = json.dumps(trained.config.model.to_dict())
+    if not config.text.vocab:
+        config.text.vocab = " ".join(world_vocabulary())
+
+
+def build_objective(config) -> Objective:
+    from editing_jax.train import checkpoint
+
+    resolve_config(config)
+    model = build_model(config)
+    tokenizer_run = checkpoint.load_trained(config.tokenizer.checkpoint)
+    frozen = {"params": tokenizer_run.inference_params, **tokenizer_run.model_state}
+    init_params = None
+    if config.init_from:
+        init_params = checkpoint.load_trained(config.init_from).inference_params
+    settings = SamplingSettings.from_config(config.sampling)
+    return make_objective(
+        model,
+        frozen,
+        cfg_dropout=float(config.loss.cfg_dropout),
+        settings=settings,
+        eval_threshold=float(config.sampling.region_hold_threshold),
+        init_params=init_params,
+    )

@@ -1,0 +1,89 @@
+"""Config builder shared by `configs/editmgt/*.py` (text-to-image pretraining and edit fine-tuning)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from editing_jax import config_lib
+from editing_jax.train import defaults
+
+
+def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
+    """EditMGT config for `stage` ('t2i' or 'edit') with variants `size=32|64`, `quick`, `tiny`."""
+    args = config_lib.parse_config_arg(arg, allowed=("size", "quick", "tiny"))
+    size = int(args.get("size", 32))
+    quick = bool(args.get("quick", False))
+    tiny = bool(args.get("tiny", False))
+    if size not in (32, 64):
+        raise config_lib.ConfigError(f"size must be 32 or 64, got {size}")
+
+    config = ml_collections.ConfigDict()
+    config.method = "editmgt"
+    config.stage = stage
+    config.seed = 0
+    config.init_from = ""  # A previous stage's run (e.g. t2i pretraining) whose params initialize this one.
+    config.tokenizer = ml_collections.ConfigDict(
+        {
+            "checkpoint": f"workdir/vq{size}",  # A trained VQ run (configs/tokenizer/vq.py).
+            "model_json": "",  # Filled from the tokenizer run when training starts; travels with checkpoints.
+        }
+    )
+    config.text = ml_collections.ConfigDict(
+        {
+            "vocab": "",  # Filled from the world's grammar when training starts (space-separated words).
+            "max_length": 24,
+            "num_hash_buckets": 64,
+            "width": 32 if tiny else 64,
+            "num_layers": 1 if tiny else 2,
+            "num_heads": 2 if tiny else 4,
+            "pooled_dim": 32 if tiny else 64,
+        }
+    )
+    heads, head_dim = (2, 16) if tiny else (4, 32)
+    config.model = ml_collections.ConfigDict(
+        {
+            "num_layers": 1 if tiny else 2,
+            "num_single_layers": 1 if tiny else 2,
+            "num_heads": heads,
+            "head_dim": head_dim,
+            "embed_dim": 32 if tiny else 64,
+            "downsample": True,
+            "micro_cond_dim": 16,
+            "num_micro_conds": 5,
+            "axes_dims_rope": (4, 6, 6) if tiny else (8, 12, 12),
+            "mlp_ratio": 4.0,
+            "zero_init_modulation": True,
+            "dtype": "float32",
+            "param_dtype": "float32",
+        }
+    )
+    config.loss = ml_collections.ConfigDict({"cfg_dropout": 0.1})
+    config.sampling = ml_collections.ConfigDict(
+        {
+            "num_steps": 4 if tiny else 12,
+            "guidance_scale": 0.0,
+            "temperature": 2.0,
+            "gamma": 1.0,
+            "region_hold_threshold": 0.3,
+            "attention_layers": (0, 2 if tiny else 4),
+            "text_positions": "all",
+            "filter": "gaussian",
+            "filter_sigma": 1.0,
+            "filter_radius": 1,
+            "keep_peaks": True,
+        }
+    )
+    config.data = defaults.world_data_config(size, batch_size=4 if tiny else 16, num_eval_examples=8 if tiny else 256)
+    config.optimizer = defaults.optimizer_config(learning_rate=1e-3, warmup_steps=5 if tiny else 100,
+                                                 weight_decay=0.01)  # fmt: skip
+    num_steps = 10 if tiny else (2000 if quick else 6000)
+    config.train = defaults.train_config(
+        num_steps=num_steps,
+        log_every=5 if tiny else 50,
+        checkpoint_every=10 if tiny else 1000,
+        sample_every=10 if tiny else 1000,
+        eval_every=0,
+    )
+    config.mesh = defaults.mesh_config()
+    config.logical_axis_rules = defaults.logical_axis_rules()
+    return config

@@ -1,0 +1,236 @@
+"""Masked generative transformer (Meissonic / EditMGT) over VQ token grids.
+
+Forward pass (names follow Meissonic's `Transformer2DModel` so released weights map by name):
+  tokens [B, h, w] --embed (embedding -> RMSNorm -> 1x1)--> [B, h, w, D] --down_block (optional 2x)--> grid g
+  --project_to_hidden_norm/project_to_hidden--> image tokens C_I [B, g*g, D];
+  the source image's tokens go through the same layers to give condition tokens C_V (EditMGT);
+  text hidden states --context_embedder -> encoder_proj_layer_norm--> C_T [B, Lt, D];
+  pooled text ++ sinusoidal micro-conditions --cond_embed--> pooled projection;
+  temb = time_text_embed(timestep * 1000, pooled projection); C_V's modulation uses timestep 0;
+  double-stream blocks over [C_T; C_I; C_V], then single-stream blocks, then project_from_hidden_norm/
+  project_from_hidden -> up_block -> mlm_layer -> logits [B, h, w, codebook_size] (the mask token is never predicted).
+
+EditMGT's attention bias E over [C_T; C_I; C_V] has log(gamma) on the C_I<->C_V blocks (paper eq. 2). We also put
+log(gamma) on text queries -> C_V keys: with the paper's E alone, gamma = 0 still lets the condition leak into the
+image through the text stream (C_V -> C_T in layer k, C_T -> C_I in layer k + 1). With it, gamma = 1 is plain joint
+attention, gamma = 0 removes the condition exactly (logits get -1e9, whose exp underflows to 0) and gamma > 1
+strengthens it. Padded text positions are masked out as keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editing_jax.nn import uvit
+from editing_jax.nn.attention import rope_frequencies
+from editing_jax.nn.embeddings import CombinedTimestepTextProjEmbeddings, TimestepEmbedding, timestep_embedding
+from editing_jax.nn.transformer import Dense, DoubleStreamBlock, SingleStreamBlock
+
+Dtype = Any
+# Additive logit standing in for log(0): exp(-1e9 - max) is exactly 0 in float32.
+NEG_INF_BIAS = -1e9
+
+
+def gamma_bias(gamma: float | jax.Array, text_len: int, image_len: int, cond_len: int) -> jax.Array:
+    """EditMGT's bias E `[L, L]` over [text; image; cond] (rows = queries): log(gamma) on image<->cond and
+    text -> cond blocks, 0 elsewhere (see the module docstring)."""
+    gamma = jnp.asarray(gamma, jnp.float32)
+    log_gamma = jnp.where(gamma > 0, jnp.log(jnp.maximum(gamma, 1e-30)), NEG_INF_BIAS)
+    groups = np.concatenate([np.zeros(text_len, np.int32), np.ones(image_len, np.int32), np.full(cond_len, 2)])
+    query, key = groups[:, None], groups[None, :]
+    cross = ((query == 1) & (key == 2)) | ((query == 2) & (key == 1)) | ((query == 0) & (key == 2))
+    return jnp.where(jnp.asarray(cross), log_gamma, 0.0)  # [L, L]
+
+
+def grid_position_ids(height: int, width: int) -> np.ndarray:
+    """Flux-style ids `[h*w, 3]`: (0, row, col) in raster order."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([np.zeros(height * width), rows.reshape(-1), cols.reshape(-1)], axis=-1).astype(np.float32)
+
+
+class MaskedGenerativeTransformer(nn.Module):
+    """Meissonic-style MGT with EditMGT's condition tokens.
+
+    Attributes:
+      codebook_size: VQ codebook size V; the mask token id is V (vocabulary V + 1).
+      num_layers: double-stream blocks.
+      num_single_layers: single-stream blocks.
+      num_heads, head_dim: attention shape; width D = num_heads * head_dim.
+      embed_dim: width of the token embedding table and the MLM head's hidden layer.
+      downsample: halve the token grid inside the transformer (and upsample before the MLM head).
+      micro_cond_dim: sinusoid width per micro-condition (Meissonic: 256 for 5 conditions).
+      num_micro_conds: number of micro-conditions (original size, crop, aesthetic score in Meissonic).
+      axes_dims_rope: RoPE channels per position axis (sum = head_dim).
+      mlp_ratio: MLP width / D.
+      zero_init_modulation: adaLN-Zero initialization of the blocks.
+    """
+
+    codebook_size: int
+    num_layers: int = 2
+    num_single_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 32
+    embed_dim: int = 64
+    downsample: bool = False
+    micro_cond_dim: int = 16
+    num_micro_conds: int = 5
+    axes_dims_rope: tuple[int, ...] = (8, 12, 12)
+    mlp_ratio: float = 4.0
+    zero_init_modulation: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def setup(self):
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = self.width
+        if sum(self.axes_dims_rope) != self.head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}")
+        self.embed = uvit.ConvEmbed(self.codebook_size + 1, self.embed_dim, width, **kwargs)
+        if self.downsample:
+            self.down_block = uvit.Downsample(**kwargs)
+            self.up_block = uvit.Upsample(**kwargs)
+        self.project_to_hidden_norm = uvit.rms_norm(**kwargs)
+        self.project_to_hidden = Dense(width, (None, "embed"), use_bias=False, **kwargs)
+        self.project_from_hidden_norm = uvit.rms_norm(**kwargs)
+        self.project_from_hidden = Dense(width, (None, "embed"), use_bias=False, **kwargs)
+        self.context_embedder = Dense(width, (None, "embed"), **kwargs)
+        self.encoder_proj_layer_norm = uvit.rms_norm(**kwargs)
+        self.cond_embed = TimestepEmbedding(width, use_bias=False, **kwargs)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(width, **kwargs)
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            mlp_ratio=self.mlp_ratio,
+            zero_init_modulation=self.zero_init_modulation,
+            **kwargs,
+        )
+        self.transformer_blocks = [DoubleStreamBlock(**block_kwargs) for _ in range(self.num_layers)]
+        self.single_transformer_blocks = [SingleStreamBlock(**block_kwargs) for _ in range(self.num_single_layers)]
+        self.mlm_layer = uvit.ConvMlmLayer(self.embed_dim, self.codebook_size, **kwargs)
+
+    def _image_tokens(self, tokens: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+        x = self.embed(tokens)  # [B, h, w, D]
+        if self.downsample:
+            x = self.down_block(x)  # [B, h/2, w/2, D]
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height * width, channels)
+        return self.project_to_hidden(self.project_to_hidden_norm(x)), (height, width)  # [B, g*g, D]
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        text_hidden: jax.Array,
+        text_mask: jax.Array,
+        pooled_text: jax.Array,
+        timestep: jax.Array,
+        micro_conds: jax.Array,
+        *,
+        cond_tokens: jax.Array | None = None,
+        gamma: float | jax.Array | None = None,
+        capture_layers: tuple[int, ...] = (),
+    ) -> jax.Array:
+        """Logits over the codebook.
+
+        Args:
+          tokens: `[B, h, w]` int32 target tokens, `mask_token_id` where unknown.
+          text_hidden: `[B, Lt, Dt]` text encoder states.
+          text_mask: `[B, Lt]` bool, real text positions.
+          pooled_text: `[B, P]` pooled text embedding.
+          timestep: `[B]` masking rate in [0, 1] (scaled by 1000 inside, as Meissonic).
+          micro_conds: `[B, num_micro_conds]` raw micro-condition values.
+          cond_tokens: optional `[B, h, w]` source-image tokens (EditMGT's C_V).
+          gamma: condition strength (None = 1, no bias term in the graph).
+          capture_layers: global block indices (double blocks first, then single) whose attention probabilities
+            are sown into 'intermediates' (`transformer_blocks_i/attn/attention_probs`, ...).
+
+        Returns:
+          `[B, h, w, codebook_size]` logits.
+        """
+        batch, height, width = tokens.shape
+        micro = timestep_embedding(micro_conds.reshape(-1), self.micro_cond_dim).reshape(batch, -1)  # [B, M*E]
+        pooled = self.cond_embed(jnp.concatenate([pooled_text.astype(jnp.float32), micro], axis=-1))  # [B, D]
+        temb = self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, pooled)  # [B, D]
+        context = self.encoder_proj_layer_norm(self.context_embedder(text_hidden))  # [B, Lt, D]
+
+        hidden, (grid_h, grid_w) = self._image_tokens(tokens)  # [B, g, D]
+        image_ids = grid_position_ids(grid_h, grid_w)  # [g, 3]
+        text_len, image_len = context.shape[1], hidden.shape[1]
+        ids = [np.zeros((text_len, 3), np.float32), image_ids]
+        cond_hidden = cond_temb = None
+        cond_len = 0
+        if cond_tokens is not None:
+            cond_hidden, _ = self._image_tokens(cond_tokens)  # [B, g, D]
+            cond_temb = self.time_text_embed(jnp.zeros((batch,), jnp.float32), pooled)  # [B, D]
+            cond_len = cond_hidden.shape[1]
+            ids.append(image_ids)
+        rope = rope_frequencies(np.concatenate(ids), self.axes_dims_rope)  # [L, Dh] each
+
+        total = text_len + image_len + cond_len
+        key_mask = jnp.concatenate([text_mask, jnp.ones((batch, image_len + cond_len), bool)], axis=1)  # [B, L]
+        bias = jnp.where(key_mask, 0.0, NEG_INF_BIAS)[:, None, None, :]  # [B, 1, 1, L]
+        if gamma is not None and cond_len:
+            bias = bias + gamma_bias(gamma, text_len, image_len, cond_len)[None, None]  # [B, 1, L, L]
+        bias = jnp.broadcast_to(bias, (batch, 1, bias.shape[2], total))
+
+        layer = 0
+        for block in self.transformer_blocks:
+            hidden, context, cond_hidden = block(
+                hidden,
+                context,
+                temb,
+                rope,
+                cond_hidden=cond_hidden,
+                cond_temb=cond_temb,
+                attention_bias=bias,
+                capture_attention=layer in capture_layers,
+            )
+            layer += 1
+        for block in self.single_transformer_blocks:
+            hidden, context, cond_hidden = block(
+                hidden,
+                context,
+                temb,
+                rope,
+                cond_hidden=cond_hidden,
+                cond_temb=cond_temb,
+                attention_bias=bias,
+                capture_attention=layer in capture_layers,
+            )
+            layer += 1
+
+        hidden = self.project_from_hidden(self.project_from_hidden_norm(hidden))  # [B, g, D]
+        hidden = hidden.reshape(batch, grid_h, grid_w, -1)
+        if self.downsample:
+            hidden = self.up_block(hidden)  # [B, h, w, D]
+        return self.mlm_layer(hidden)  # [B, h, w, V]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_layers + self.num_single_layers
+
+    def block_name(self, layer: int) -> str:
+        if layer < self.num_layers:
+            return f"transformer_blocks_{layer}"
+        return f"single_transformer_blocks_{layer - self.num_layers}"
+
+
+def captured_attention(model: MaskedGenerativeTransformer, intermediates: dict, layers: tuple[int, ...]) -> jax.Array:
+    """Stacks the attention probabilities sown for `layers`: `[N, B, heads, L, L]`."""
+    probs = []
+    for layer in layers:
+        sown = intermediates[model.block_name(layer)]["attn"]["attention_probs"]
+        probs.append(sown[0] if isinstance(sown, tuple) else sown)
+    return jnp.stack(probs)

@@ -1,0 +1,188 @@
+"""`editing-jax quickstart`: the 32 px world -> VQ tokenizer -> tiny EditMGT -> held-out evaluation and figures.
+
+Stages (each resumable: a finished stage is skipped, an interrupted training resumes from its checkpoint):
+  1. world: a preview grid of held-out edits and the prepared test split (tfds array_record) under `world/`;
+  2. vq: `configs/tokenizer/vq.py:size=32,quick` in `vq/`;
+  3. editmgt: `configs/editmgt/edit.py:size=32,quick` in `editmgt/`, tokenizer from stage 2;
+  4. eval: held-out verifier success per edit type with and without region hold, a lambda sweep, figures.
+
+Outputs in WORKDIR: quickstart.json (all metrics and stage timings), grid.png (source | output | attention map |
+held region, instruction as row label), lambda_sweep.png (success and preservation L1 vs lambda, EditMGT Fig. 4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from editing_jax import config_lib
+
+logger = logging.getLogger(__name__)
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+VQ_CONFIG = "tokenizer/vq.py:size=32,quick"
+EDITMGT_CONFIG = "editmgt/edit.py:size=32,quick"
+SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+GRID_ROWS = 10
+
+
+def _log(message: str) -> None:
+    print(f"[quickstart] {message}", file=sys.stderr, flush=True)
+
+
+def _load(spec: str, overrides: list[str]):
+    path = REPO_CONFIGS / spec.split(":")[0]
+    if not path.exists():
+        raise config_lib.ConfigError(f"quickstart needs the repository's configs/ ({path} is missing)")
+    return config_lib.load_config(str(REPO_CONFIGS / spec), overrides)
+
+
+def _finished(run_dir: pathlib.Path, num_steps: int) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return False
+    try:
+        return int(json.loads(summary.read_text()).get("steps", -1)) >= num_steps
+    except (ValueError, OSError):
+        return False
+
+
+def _train(spec: str, overrides: list[str], run_dir: pathlib.Path, show_progress: bool) -> dict:
+    from editing_jax.train import trainer
+
+    config = _load(spec, overrides)
+    if _finished(run_dir, int(config.train.num_steps)):
+        _log(f"{run_dir.name}: already trained, skipping")
+        return json.loads((run_dir / "summary.json").read_text())
+    run = trainer.build_trainer(config, run_dir, progress=show_progress)
+    return run.run()
+
+
+def _world_stage(workdir: pathlib.Path, num_eval: int, show_progress: bool) -> None:
+    from editing_jax import viz
+    from editing_jax.data import image_io, tfds_world
+    from editing_jax.data.world import edits
+
+    world_dir = workdir / "world"
+    preview = world_dir / "preview.png"
+    if not preview.exists():
+        tfds_world.prepare_world_dataset(world_dir / "tfds", split_sizes={"test": num_eval}, size=32, seed=0,
+                                         show_progress=show_progress)  # fmt: skip
+        samples = [edits.generate_sample("test", 0, i, edits.WorldConfig(size=32)) for i in range(8)]
+        rows = [[s.source_image, s.target_image] for s in samples]
+        grid = viz.image_grid(rows, row_labels=[s.instruction for s in samples], column_labels=["source", "target"])
+        image_io.write_image_atomic(preview, grid)
+
+
+def _figures(workdir: pathlib.Path, editor, settings, sweep: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from editing_jax import viz
+    from editing_jax.data import image_io, pipeline
+    from editing_jax.data.world import edits
+    from editing_jax.methods import editmgt
+
+    source = pipeline.WorldSource("test", GRID_ROWS, 0, edits.WorldConfig(size=editor.image_size))
+    batch = pipeline.collate([source[i] for i in range(GRID_ROWS)])
+    batch = editor.model.prepare_batch(batch)
+    outputs = editor.run(batch, settings)
+    rows = []
+    for i in range(GRID_ROWS):
+        rows.append([
+            batch["source_image"][i],
+            batch["target_image"][i],
+            outputs["images"][i],
+            editmgt.attention_to_rgb(outputs["attention"][i : i + 1])[0],
+            editmgt.attention_to_rgb(outputs["held"][i : i + 1].astype(np.float32))[0],
+        ])  # fmt: skip
+    grid = viz.image_grid(
+        rows,
+        row_labels=[str(t) for t in batch["instruction"]],
+        column_labels=["source", "target", "output", "attention", f"held (lambda={settings.region_hold_threshold})"],
+        label_width=260,
+    )
+    image_io.write_image_atomic(workdir / "grid.png", grid)
+
+    lambdas = [sweep[name]["region_hold_threshold"] for name in sweep]
+    success = [100.0 * sweep[name]["verifier_success"] for name in sweep]
+    l1 = [sweep[name]["preservation_l1"] for name in sweep]
+    figure, left = plt.subplots(figsize=(5, 3.2), dpi=120)
+    left.plot(lambdas, success, "o-", color="tab:blue", label="verifier success")
+    left.set_xlabel("region-hold threshold lambda")
+    left.set_ylabel("held-out verifier success (%)", color="tab:blue")
+    right = left.twinx()
+    right.plot(lambdas, l1, "s--", color="tab:red", label="L1 outside edit mask")
+    right.set_ylabel("preservation L1", color="tab:red")
+    left.set_title("Region hold: success vs preservation")
+    figure.tight_layout()
+    path = workdir / "lambda_sweep.png"
+    figure.savefig(path.with_name(path.name + ".tmp.png"))
+    plt.close(figure)
+    path.with_name(path.name + ".tmp.png").replace(path)
+
+
+def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: int = 256,
+        vq_overrides: list[str] | None = None, editmgt_overrides: list[str] | None = None) -> dict:  # fmt: skip
+    """Runs all stages; returns (and writes to WORKDIR/quickstart.json) the report."""
+    from editing_jax import inference
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def stage(name: str, index: int, fn):
+        _log(f"stage {index}/4: {name} (elapsed {time.perf_counter() - start:.0f} s)")
+        begin = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - begin, 1)
+        return result
+
+    stage("world", 1, lambda: _world_stage(workdir, num_eval, show_progress))
+    vq_summary = stage("vq", 2, lambda: _train(VQ_CONFIG, list(vq_overrides or []), workdir / "vq", show_progress))
+    mgt_overrides = [f"--config.tokenizer.checkpoint={workdir / 'vq'}", "--config.data.num_eval_examples=0"]
+    mgt_overrides += list(editmgt_overrides or [])
+    mgt_summary = stage("editmgt", 3, lambda: _train(EDITMGT_CONFIG, mgt_overrides, workdir / "editmgt", show_progress))
+
+    def evaluate():
+        editor = inference.load_editor(workdir / "editmgt")
+        settings = editor.settings()
+        thresholds = {f"lambda={lam:g}": lam for lam in SWEEP_THRESHOLDS}
+        default_name = f"lambda={settings.region_hold_threshold:g}"
+        if default_name not in thresholds:
+            thresholds[default_name] = settings.region_hold_threshold
+        report = inference.evaluate_split(
+            editor, split="test", num_examples=num_eval, thresholds=thresholds, show_progress=show_progress
+        )
+        _figures(workdir, editor, settings, report["results"])
+        return report, default_name
+
+    report, default_name = stage("eval", 4, evaluate)
+    results = report["results"]
+    plain, hold = results["lambda=0"], results[default_name]
+    summary = {
+        "held_out_verifier_success": plain["verifier_success"],
+        "held_out_verifier_success_region_hold": hold["verifier_success"],
+        "preservation_l1": plain["preservation_l1"],
+        "preservation_l1_region_hold": hold["preservation_l1"],
+        "region_hold_threshold": hold["region_hold_threshold"],
+        "per_edit_type": {t: v["verifier_success"] for t, v in plain["per_edit_type"].items()},
+        "vq_verifier_success": vq_summary.get("eval", {}).get("eval/verifier_success"),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "stage_seconds": timings,
+    }
+    full = {"summary": summary, "eval": report, "vq_summary": vq_summary, "editmgt_summary": mgt_summary}
+    tmp = workdir / "quickstart.json.tmp"
+    tmp.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    tmp.replace(workdir / "quickstart.json")
+    _log(f"done in {summary['wall_seconds']:.0f} s: held-out success {100 * summary['held_out_verifier_success']:.1f} %"
+         f" (region hold {100 * summary['held_out_verifier_success_region_hold']:.1f} %); see {workdir}")  # fmt: skip
+    return full

@@ -1,0 +1,67 @@
+"""A small trainable text encoder: ids -> (hidden states, pooled embedding).
+
+The MGT and the flow DiT only see `(hidden [B, L, D], pooled [B, P])`; a CLIP/Gemma port can replace this module
+behind the same call signature.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from editing_jax.nn.transformer import Dense
+
+Dtype = Any
+
+
+class TextEncoder(nn.Module):
+    """Pre-LayerNorm transformer encoder with learned positions and masked mean pooling.
+
+    Attributes:
+      vocab_size: number of token ids (the tokenizer's `vocab_size`).
+      width: hidden width D.
+      num_layers: transformer layers.
+      num_heads: attention heads.
+      max_length: maximum sequence length L.
+      pooled_dim: width of the pooled embedding.
+    """
+
+    vocab_size: int
+    width: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 24
+    pooled_dim: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """ids: `[B, L]` int32, mask: `[B, L]` bool -> (hidden `[B, L, D]`, pooled `[B, P]`)."""
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        length = ids.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"text length {length} exceeds max_length {self.max_length}")
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="token_embedding",
+                     **kwargs)(ids)  # [B, L, D]  # fmt: skip
+        positions = self.param("position_embedding", nn.initializers.normal(0.02), (self.max_length, self.width),
+                               self.param_dtype)  # fmt: skip
+        x = x + positions[None, :length].astype(self.dtype)
+        attention_mask = nn.make_attention_mask(jnp.ones_like(mask), mask)  # [B, 1, L, L]: attend to real words
+        for i in range(self.num_layers):
+            y = nn.LayerNorm(name=f"layers_{i}_norm1", **kwargs)(x)
+            y = nn.MultiHeadDotProductAttention(self.num_heads, name=f"layers_{i}_attn", **kwargs)(
+                y, y, mask=attention_mask
+            )
+            x = x + y
+            y = nn.LayerNorm(name=f"layers_{i}_norm2", **kwargs)(x)
+            y = Dense(4 * self.width, name=f"layers_{i}_fc1", **kwargs)(y)
+            x = x + Dense(self.width, name=f"layers_{i}_fc2", **kwargs)(nn.gelu(y))
+        x = nn.LayerNorm(name="final_norm", **kwargs)(x)  # [B, L, D]
+        weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+        mean = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # [B, D]; 0 if empty
+        pooled = Dense(self.pooled_dim, name="pooled_proj", **kwargs)(mean)  # [B, P]
+        return x, pooled

@@ -1,0 +1,92 @@
+"""End to end on tiny configs: train a VQ and an EditMGT, then `editing-jax edit` and `eval` on the checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+
+from editing_jax import cli
+from editing_jax.data import image_io
+from editing_jax.data.world import edits
+
+
+def _run(capsys, *argv):
+    code = cli.main(["--quiet", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def editor_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("editmgt")
+    common = ("--config.mesh.data=1", "--config.data.num_eval_examples=4", "--config.data.eval_batch_size=4")
+    assert cli.main(["--quiet", "train", "--config", "configs/tokenizer/vq.py:size=32,tiny", "--workdir",
+                     str(root / "vq"), "--config.train.num_steps=2", *common]) == 0  # fmt: skip
+    assert cli.main(["--quiet", "train", "--config", "configs/editmgt/edit.py:size=32,tiny", "--workdir",
+                     str(root / "mgt"), f"--config.tokenizer.checkpoint={root / 'vq'}", "--config.train.num_steps=3",
+                     "--config.train.checkpoint_every=3", *common]) == 0  # fmt: skip
+    return root
+
+
+def test_training_writes_a_self_contained_checkpoint(editor_run):
+    summary = json.loads((editor_run / "mgt" / "summary.json").read_text())
+    assert summary["steps"] == 3
+    for key in ("eval/plain/verifier_success", "eval/hold/verifier_success", "eval/hold/preservation_l1"):
+        assert 0.0 <= summary["eval"][key] <= 1.0
+    config = json.loads((editor_run / "mgt" / "config.json").read_text())
+    assert config["tokenizer"]["model_json"] and "circle" in config["text"]["vocab"].split()
+    assert list((editor_run / "mgt" / "samples").glob("*.png"))
+
+
+def test_edit_writes_image_and_attention(editor_run, tmp_path, capsys):
+    sample = edits.generate_sample("test", 0, 0, edits.WorldConfig(size=48))  # resized to the model's 32 px
+    image_io.write_image_atomic(tmp_path / "in.png", sample.source_image)
+    out, attention = tmp_path / "out.png", tmp_path / "attn.png"
+    code, stdout, err = _run(capsys, "edit", "--checkpoint", str(editor_run / "mgt"), "--image",
+                             str(tmp_path / "in.png"), "--instruction", sample.instruction, "--out", str(out),
+                             "--save_attention", str(attention), "--steps", "3", "--region_hold_threshold", "0.5",
+                             "--query", sample.edit.keyword or "the")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["size"] == 32 and 0.0 <= report["held_fraction"] <= 1.0
+    assert image_io.read_image(out).shape == (32, 32, 3)
+    assert image_io.read_image(attention).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--image", "/nonexistent.png"), "nonexistent.png"),
+        (("--filter", "median"), "filter must be one of"),
+        (("--query", "zebra"), "does not occur"),
+    ],
+)
+def test_edit_errors_are_one_line(editor_run, tmp_path, capsys, extra, message):
+    image_io.write_image_atomic(tmp_path / "in.png", np.zeros((32, 32, 3), np.uint8))
+    args = {"--image": str(tmp_path / "in.png"), "--instruction": "make the red circle blue",
+            "--out": str(tmp_path / "o.png")}  # fmt: skip
+    args.update(dict(zip(extra[::2], extra[1::2], strict=True)))
+    code, _, err = _run(capsys, "edit", "--checkpoint", str(editor_run / "mgt"),
+                        *[item for pair in args.items() for item in pair])  # fmt: skip
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_edit_rejects_a_tokenizer_checkpoint(editor_run, tmp_path, capsys):
+    image_io.write_image_atomic(tmp_path / "in.png", np.zeros((32, 32, 3), np.uint8))
+    code, _, err = _run(capsys, "edit", "--checkpoint", str(editor_run / "vq"), "--image", str(tmp_path / "in.png"),
+                        "--instruction", "x", "--out", str(tmp_path / "o.png"))  # fmt: skip
+    assert code == 2 and "not an editor" in err
+
+
+def test_eval_reports_per_edit_type(editor_run, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code, stdout, err = _run(capsys, "eval", "--checkpoint", str(editor_run / "mgt"), "--split", "test", "--num",
+                             "6", "--batch_size", "3", "--out", str(out), "--steps", "2")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"plain", "hold"}
+    plain = report["results"]["plain"]
+    assert plain["num_examples"] == 6 and plain["region_hold_threshold"] == 0.0
+    assert sum(v["num_examples"] for v in plain["per_edit_type"].values()) == 6
+    assert json.loads(stdout)["results"]["hold"]["verifier_success"] == report["results"]["hold"]["verifier_success"]
