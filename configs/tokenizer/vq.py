@@ -64,8 +64,8 @@ def get_config(arg=None):
         config.model.block_out_channels = (16, 32)
         config.model.norm_num_groups = 8
         config.model.codebook_size = 512
-        config.optimizer = defaults.optimizer_config(learning_rate=3e-3, warmup_steps=50)
-        config.train.num_steps = 1200
+        config.optimizer = defaults.optimizer_config(learning_rate=4e-3, warmup_steps=50)
+        config.train.num_steps = 1500
         config.train.checkpoint_every = 400
         config.train.sample_every = 400
     config.mesh = defaults.mesh_config()

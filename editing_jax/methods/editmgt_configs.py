@@ -51,13 +51,15 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "micro_cond_dim": 16,
             "num_micro_conds": 5,
             "axes_dims_rope": (4, 6, 6) if tiny else (8, 12, 12),
+            "rope_theta": 10000.0,
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",
             "param_dtype": "float32",
         }
     )
-    config.loss = ml_collections.ConfigDict({"cfg_dropout": 0.1})
+    # edit_weight: CE weight of masked tokens that differ from the source (1 = the paper's plain average).
+    config.loss = ml_collections.ConfigDict({"cfg_dropout": 0.1, "edit_weight": 1.0})
     config.sampling = ml_collections.ConfigDict(
         {
             "num_steps": 4 if tiny else 12,

@@ -66,6 +66,7 @@ class MaskedGenerativeTransformer(nn.Module):
       micro_cond_dim: sinusoid width per micro-condition (Meissonic: 256 for 5 conditions).
       num_micro_conds: number of micro-conditions (original size, crop, aesthetic score in Meissonic).
       axes_dims_rope: RoPE channels per position axis (sum = head_dim).
+      rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
     """
@@ -80,6 +81,7 @@ class MaskedGenerativeTransformer(nn.Module):
     micro_cond_dim: int = 16
     num_micro_conds: int = 5
     axes_dims_rope: tuple[int, ...] = (8, 12, 12)
+    rope_theta: float = 10000.0
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -176,7 +178,7 @@ class MaskedGenerativeTransformer(nn.Module):
             cond_temb = self.time_text_embed(jnp.zeros((batch,), jnp.float32), pooled)  # [B, D]
             cond_len = cond_hidden.shape[1]
             ids.append(image_ids)
-        rope = rope_frequencies(np.concatenate(ids), self.axes_dims_rope)  # [L, Dh] each
+        rope = rope_frequencies(np.concatenate(ids), self.axes_dims_rope, self.rope_theta)  # [L, Dh] each
 
         total = text_len + image_len + cond_len
         key_mask = jnp.concatenate([text_mask, jnp.ones((batch, image_len + cond_len), bool)], axis=1)  # [B, L]
