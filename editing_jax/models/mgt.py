@@ -66,6 +66,7 @@ class MaskedGenerativeTransformer(nn.Module):
       micro_cond_dim: sinusoid width per micro-condition (Meissonic: 256 for 5 conditions).
       num_micro_conds: number of micro-conditions (original size, crop, aesthetic score in Meissonic).
       axes_dims_rope: RoPE channels per position axis (sum = head_dim).
+      qk_norm_scale_init: initial query/key RMSNorm scale of the blocks (1 = diffusers).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -82,6 +83,7 @@ class MaskedGenerativeTransformer(nn.Module):
     num_micro_conds: int = 5
     axes_dims_rope: tuple[int, ...] = (8, 12, 12)
     rope_theta: float = 10000.0
+    qk_norm_scale_init: float = 1.0
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -116,6 +118,7 @@ class MaskedGenerativeTransformer(nn.Module):
             num_heads=self.num_heads,
             head_dim=self.head_dim,
             mlp_ratio=self.mlp_ratio,
+            qk_norm_scale_init=self.qk_norm_scale_init,
             zero_init_modulation=self.zero_init_modulation,
             **kwargs,
         )

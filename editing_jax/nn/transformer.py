@@ -128,13 +128,13 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype) ->
     return (_layer_norm(x) * (1.0 + scale) + shift).astype(dtype)  # [B, L, D]
 
 
-def _rms_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.RMSNorm:
-    """Per-head RMSNorm over the head dim (statistics in float32) with a learned scale."""
+def _rms_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str, scale_init: float = 1.0) -> nn.RMSNorm:
+    """Per-head RMSNorm over the head dim (statistics in float32) with a learned scale (initially `scale_init`)."""
     return nn.RMSNorm(
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.constant(scale_init), ("kv",)),
         name=name,
     )
 
@@ -239,6 +239,9 @@ class JointAttention(nn.Module):
       out_projections: project each group back with `to_out_0`/`to_add_out`; single blocks (diffusers'
         `pre_only=True`) return the concatenated heads `[B, L, H * Dh]` instead.
       qk_norm_eps: RMSNorm epsilon.
+      qk_norm_scale_init: initial query/key RMSNorm scale (1 as diffusers). With RMS-normalized queries and keys the
+        attention logits are bounded by scale^2 * sqrt(head_dim); a larger start lets a model trained from scratch
+        form sharp (e.g. same-position) attention sooner.
       lora_rank, lora_alpha, lora_targets: LoRA on the projections whose name is a target.
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
@@ -249,6 +252,7 @@ class JointAttention(nn.Module):
     context_projections: bool = False
     out_projections: bool = True
     qk_norm_eps: float = NORM_EPSILON
+    qk_norm_scale_init: float = 1.0
     lora_rank: int = 0
     lora_alpha: float = 1.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
@@ -267,7 +271,8 @@ class JointAttention(nn.Module):
         )
 
     def _norm(self, name: str) -> nn.RMSNorm:
-        return _rms_norm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return _rms_norm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                         scale_init=self.qk_norm_scale_init)  # fmt: skip
 
     def setup(self):
         inner = self.num_heads * self.head_dim
@@ -358,6 +363,7 @@ class _BlockFields(nn.Module):
     head_dim: int
     mlp_ratio: float = 4.0
     qk_norm_eps: float = NORM_EPSILON
+    qk_norm_scale_init: float = 1.0
     zero_init_modulation: bool = True
     lora_rank: int = 0
     lora_alpha: float = 1.0
@@ -374,6 +380,7 @@ class DoubleStreamBlock(_BlockFields):
       head_dim: channels per head.
       mlp_ratio: MLP width / D.
       qk_norm_eps: epsilon of the query/key RMSNorms.
+      qk_norm_scale_init: initial query/key RMSNorm scale (see `JointAttention`).
       zero_init_modulation: start the adaLN modulation at zero (identity block), the adaLN-Zero recipe.
       lora_rank, lora_alpha, lora_targets: LoRA on the Dense layers whose local name is in `lora_targets`
         (attention: 'to_q', 'to_k', 'to_v', 'to_out_0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out';
@@ -423,6 +430,7 @@ class DoubleStreamBlock(_BlockFields):
             dim,
             context_projections=True,
             qk_norm_eps=self.qk_norm_eps,
+            qk_norm_scale_init=self.qk_norm_scale_init,
             name="attn",
             **lora,
             **kwargs,
@@ -510,6 +518,7 @@ class SingleStreamBlock(_BlockFields):
             dim,
             out_projections=False,
             qk_norm_eps=self.qk_norm_eps,
+            qk_norm_scale_init=self.qk_norm_scale_init,
             lora_rank=self.lora_rank,
             lora_alpha=self.lora_alpha,
             lora_targets=self.lora_targets,
