@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--region_hold_threshold", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--prng", default="threefry2x32", help="PRNG implementation of the sampler key")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "mgt_sampler.json"))
     args = parser.parse_args()
 

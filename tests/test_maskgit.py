@@ -162,3 +162,17 @@ def test_sample_mask_rate_matches_arccos_distribution():
     assert result.pvalue > 1e-3, result
     # Histogram check: mass in [0.9, 1] is 1 - (2/pi) arcsin(0.9) ~ 0.287.
     np.testing.assert_allclose(np.mean(r >= 0.9), 1 - 2 / np.pi * np.arcsin(0.9), atol=0.015)
+
+
+def test_sample_categorical_matches_the_tempered_softmax():
+    from editing_jax.sampling.maskgit import sample_categorical
+
+    logits = jnp.log(jnp.asarray([0.1, 0.2, 0.3, 0.4]))
+    draws = sample_categorical(jax.random.key(0), jnp.broadcast_to(logits, (20000, 4)), jnp.float32(1.0))
+    freqs = np.bincount(np.asarray(draws), minlength=4) / 20000
+    np.testing.assert_allclose(freqs, [0.1, 0.2, 0.3, 0.4], atol=0.015)
+    tempered = np.exp(np.asarray(logits) / 0.5) / np.exp(np.asarray(logits) / 0.5).sum()
+    draws = sample_categorical(jax.random.key(1), jnp.broadcast_to(logits, (20000, 4)), jnp.float32(0.5))
+    np.testing.assert_allclose(np.bincount(np.asarray(draws), minlength=4) / 20000, tempered, atol=0.015)
+    greedy = sample_categorical(jax.random.key(2), jnp.broadcast_to(logits, (5, 4)), jnp.float32(0.0))
+    assert np.all(np.asarray(greedy) == 3)

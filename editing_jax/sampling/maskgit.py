@@ -4,7 +4,9 @@ The whole sampler is one `jax.lax.scan` over a `SamplerState`; it runs under `ja
 
 Per step s (of S):
   1. logits from `logits_fn` (optionally CFG-combined: uncond + g * (cond - uncond));
-  2. sample every unknown position with temperature T_s = t0 * (1 - (s + 1) / S) (Gumbel-max, so T_s = 0 is argmax);
+  2. sample every unknown position from softmax(logits / T_s), T_s = t0 * (1 - (s + 1) / S) (T_s = 0 is argmax);
+     by inverse CDF with one uniform per position: the same distribution as Gumbel-max, without a [B, L, V] noise
+     tensor (on CPU drawing that noise costs as much as the model's forward pass);
   3. region hold: newly sampled positions whose attention score a < lambda are reverted to the source tokens and
      become fixed (`held`);
   4. re-mask the least confident free positions (confidence = log p(sample) + T_s * Gumbel), keeping
@@ -55,6 +57,19 @@ class SamplerState:
 
 def _gumbel(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.gumbel(rng, shape, jnp.float32)
+
+
+def sample_categorical(rng: jax.Array, logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """Samples `[...]` indices from softmax(logits / temperature) over the last axis; temperature 0 is argmax.
+
+    Inverse-CDF sampling with one uniform per row (`temperature` may be traced).
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), axis=-1)  # [..., V]
+    cdf = jnp.cumsum(probs, axis=-1)  # [..., V]
+    u = jax.random.uniform(rng, logits.shape[:-1], jnp.float32)[..., None] * cdf[..., -1:]  # [..., 1]
+    sampled = jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
 def decode(
@@ -113,7 +128,7 @@ def decode(
 
         rng, sample_rng, confidence_rng = jax.random.split(state.rng, 3)
         temp = t0 * (1.0 - (step + 1).astype(jnp.float32) / num_steps)  # []
-        sampled = jnp.argmax(logits + temp * _gumbel(sample_rng, logits.shape), axis=-1).astype(jnp.int32)  # [B, L]
+        sampled = sample_categorical(sample_rng, logits, temp)  # [B, L]
         sampled = jnp.where(state.unknown, sampled, state.tokens)
 
         if has_attention:
@@ -162,4 +177,4 @@ def decode(
     return final.tokens, aux
 
 
-__all__ = ["SamplerState", "decode", "mask_ratio_cosine", "sample_mask_rate"]
+__all__ = ["SamplerState", "decode", "mask_ratio_cosine", "sample_categorical", "sample_mask_rate"]
