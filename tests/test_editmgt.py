@@ -211,3 +211,24 @@ def test_sampling_settings_validation():
         editmgt.SamplingSettings.from_config(config)
     settings = editmgt.SamplingSettings.from_config(ml_collections.ConfigDict({"num_steps": 4}), num_steps=7)
     assert settings.num_steps == 7 and settings.filter == "gaussian"
+
+
+def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
+    model, _, variables, batch = tiny_editor
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    rng = jax.random.key(4)
+    plain, plain_aux = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
+    weighted, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
+    mask_rng, _ = jax.random.split(rng)
+    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
+    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
+    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
+    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
+    logits, _ = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled), fraction,
+                             source.reshape(2, 4, 4))  # fmt: skip
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.reshape(2, 16, 16), target)
+    weights = masked * (1.0 + 2.0 * (target != source))
+    np.testing.assert_allclose(float(weighted), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-5)
+    assert float(plain) != pytest.approx(float(weighted))
+    assert 0.0 <= float(plain_aux.metrics["changed_accuracy"]) <= 1.0
