@@ -232,3 +232,18 @@ def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
     np.testing.assert_allclose(float(weighted), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-5)
     assert float(plain) != pytest.approx(float(weighted))
     assert 0.0 <= float(plain_aux.metrics["changed_accuracy"]) <= 1.0
+
+
+def test_source_concat_path_is_gated_by_gamma(tiny_mgt):
+    _, _, inputs, cond = tiny_mgt
+    model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
+                                        embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
+                                        zero_init_modulation=False, source_concat=True)  # fmt: skip
+    variables = model.init(jax.random.key(0), **inputs, cond_tokens=cond)
+    variables = jax.tree.map(lambda x: x + 0.1, variables)  # the projection starts at zero; make it matter
+    other = (cond + 5) % 16
+    a = model.apply(variables, **inputs, cond_tokens=cond, gamma=0.0)
+    b = model.apply(variables, **inputs, cond_tokens=other, gamma=0.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c = model.apply(variables, **inputs, cond_tokens=other, gamma=1.0)
+    assert not np.allclose(np.asarray(a), np.asarray(c))

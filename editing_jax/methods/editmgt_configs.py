@@ -55,6 +55,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             # image tokens find their condition token (same position) sooner (docs/RESULTS.md, EditMGT).
             "rope_theta": 10.0,
             "qk_norm_scale_init": 3.0,
+            "source_concat": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_concat
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",

@@ -67,6 +67,10 @@ class MaskedGenerativeTransformer(nn.Module):
       num_micro_conds: number of micro-conditions (original size, crop, aesthetic score in Meissonic).
       axes_dims_rope: RoPE channels per position axis (sum = head_dim).
       qk_norm_scale_init: initial query/key RMSNorm scale of the blocks (1 = diffusers).
+      source_concat: also add a (zero-initialized) projection of the condition tokens' embedding to the target
+        tokens' embedding at the same grid position, InstructPix2Pix-style, besides EditMGT's C_V attention path.
+        Not in EditMGT: a from-scratch model learns to copy unchanged regions far sooner. The path is scaled by
+        min(gamma, 1), so gamma = 0 still removes the condition exactly.
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -84,6 +88,7 @@ class MaskedGenerativeTransformer(nn.Module):
     axes_dims_rope: tuple[int, ...] = (8, 12, 12)
     rope_theta: float = 10000.0
     qk_norm_scale_init: float = 1.0
+    source_concat: bool = False
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -125,9 +130,14 @@ class MaskedGenerativeTransformer(nn.Module):
         self.transformer_blocks = [DoubleStreamBlock(**block_kwargs) for _ in range(self.num_layers)]
         self.single_transformer_blocks = [SingleStreamBlock(**block_kwargs) for _ in range(self.num_single_layers)]
         self.mlm_layer = uvit.ConvMlmLayer(self.embed_dim, self.codebook_size, **kwargs)
+        if self.source_concat:
+            self.source_proj = Dense(width, (None, "embed"), use_bias=False, kernel_init=nn.initializers.zeros_init(),
+                                     **kwargs)  # fmt: skip
 
-    def _image_tokens(self, tokens: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    def _image_tokens(self, tokens: jax.Array, extra: jax.Array | None = None) -> tuple[jax.Array, tuple[int, int]]:
         x = self.embed(tokens)  # [B, h, w, D]
+        if extra is not None:
+            x = x + extra
         if self.downsample:
             x = self.down_block(x)  # [B, h/2, w/2, D]
         batch, height, width, channels = x.shape
@@ -170,7 +180,11 @@ class MaskedGenerativeTransformer(nn.Module):
         temb = self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, pooled)  # [B, D]
         context = self.encoder_proj_layer_norm(self.context_embedder(text_hidden))  # [B, Lt, D]
 
-        hidden, (grid_h, grid_w) = self._image_tokens(tokens)  # [B, g, D]
+        extra = None
+        if self.source_concat and cond_tokens is not None:
+            strength = 1.0 if gamma is None else jnp.minimum(jnp.asarray(gamma, jnp.float32), 1.0)
+            extra = strength * self.source_proj(self.embed(cond_tokens))  # [B, h, w, D]
+        hidden, (grid_h, grid_w) = self._image_tokens(tokens, extra)  # [B, g, D]
         image_ids = grid_position_ids(grid_h, grid_w)  # [g, 3]
         text_len, image_len = context.shape[1], hidden.shape[1]
         ids = [np.zeros((text_len, 3), np.float32), image_ids]
