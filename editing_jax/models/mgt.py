@@ -204,8 +204,8 @@ class MaskedGenerativeTransformer(nn.Module):
             bias = bias + gamma_bias(gamma, text_len, image_len, cond_len)[None, None]  # [B, 1, L, L]
         bias = jnp.broadcast_to(bias, (batch, 1, bias.shape[2], total))
 
-        layer = 0
-        for block in self.transformer_blocks:
+        blocks = (*self.transformer_blocks, *self.single_transformer_blocks)  # global layer index = position
+        for layer, block in enumerate(blocks):
             hidden, context, cond_hidden = block(
                 hidden,
                 context,
@@ -216,19 +216,6 @@ class MaskedGenerativeTransformer(nn.Module):
                 attention_bias=bias,
                 capture_attention=layer in capture_layers,
             )
-            layer += 1
-        for block in self.single_transformer_blocks:
-            hidden, context, cond_hidden = block(
-                hidden,
-                context,
-                temb,
-                rope,
-                cond_hidden=cond_hidden,
-                cond_temb=cond_temb,
-                attention_bias=bias,
-                capture_attention=layer in capture_layers,
-            )
-            layer += 1
 
         hidden = self.project_from_hidden(self.project_from_hidden_norm(hidden))  # [B, g, D]
         hidden = hidden.reshape(batch, grid_h, grid_w, -1)
