@@ -401,3 +401,15 @@ def test_visualize_and_evaluate(kind, world_batch, vq_objective, kl_objective, m
     for image, expected in zip(verified_images, target_reconstructions, strict=True):
         assert image.dtype == np.uint8
         np.testing.assert_array_equal(image.astype(np.float32) / 255.0, expected)
+
+
+@pytest.mark.parametrize("norm_type, local", [("group", False), ("layer", True)])
+def test_layer_norm_trunk_keeps_latents_local(norm_type, local):
+    encoder = conv.Encoder(4, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                           mid_block_attention=False, norm_type=norm_type)  # fmt: skip
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
+    variables = encoder.init(jax.random.key(0), images)
+    far_change = images.at[:, :4, :4].add(3.0)  # top-left corner
+    a, b = encoder.apply(variables, images), encoder.apply(variables, far_change)  # [1, 16, 16, 4]
+    corner_unchanged = np.allclose(np.asarray(a[:, -4:, -4:]), np.asarray(b[:, -4:, -4:]), atol=1e-6)
+    assert corner_unchanged == local  # GroupNorm statistics carry the change across the image

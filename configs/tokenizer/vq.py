@@ -37,6 +37,7 @@ def get_config(arg=None):
             "norm_num_groups": 8 if tiny else 16,
             "use_mid_block": True,
             "mid_block_attention": False,
+            "norm_type": "group",  # 'layer': per-pixel norms keep tokens local (slower to train; RESULTS.md)
             "latent_channels": 16 if tiny else 32,
             "codebook_size": 64 if tiny else 1024,
             "code_dim": 8 if tiny else 16,

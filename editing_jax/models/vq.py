@@ -185,7 +185,7 @@ class VQModel(nn.Module):
     Images are float NHWC in [-1, 1]; tokens are a [B, h, w] grid with h = H / 2**(len(block_out_channels) - 1).
 
     Attributes:
-      block_out_channels, layers_per_block, norm_num_groups, use_mid_block, mid_block_attention: conv trunk
+      block_out_channels, layers_per_block, norm_num_groups, use_mid_block, mid_block_attention, norm_type: conv trunk
         (see `editing_jax.nn.conv.Encoder`).
       in_channels / out_channels: image channels.
       latent_channels: channels of the encoder output and decoder input.
@@ -199,6 +199,7 @@ class VQModel(nn.Module):
     norm_num_groups: int = 32
     use_mid_block: bool = True
     mid_block_attention: bool = True
+    norm_type: str = "group"
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 64

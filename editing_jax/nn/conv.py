@@ -92,6 +92,29 @@ def _dense(features: int, axes: tuple[str, str], *, dtype: Dtype, param_dtype: D
     )
 
 
+NORM_TYPES = ("group", "layer")
+
+
+def _norm(norm_type: str, num_groups: int, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Module:
+    """GroupNorm (diffusers), or a per-pixel LayerNorm over channels ('layer').
+
+    GroupNorm statistics span the whole image, so a local edit shifts every token's features (and flips some codes);
+    'layer' keeps each output a function of its receptive field only.
+    """
+    if norm_type == "group":
+        return make_group_norm(num_groups, dtype=dtype, param_dtype=param_dtype, name=name)
+    if norm_type == "layer":
+        return nn.LayerNorm(
+            epsilon=1e-6,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            name=name,
+        )
+    raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv3x3, twice, plus a residual (1x1 `conv_shortcut` when the channels change).
 
@@ -102,6 +125,7 @@ class ResnetBlock2D(nn.Module):
 
     out_channels: int
     norm_num_groups: int
+    norm_type: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -109,9 +133,9 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C_in]
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         residual = x
-        h = make_group_norm(self.norm_num_groups, name="norm1", **kwargs)(x)
+        h = _norm(self.norm_type, self.norm_num_groups, name="norm1", **kwargs)(x)
         h = make_conv(self.out_channels, 3, name="conv1", **kwargs)(nn.silu(h))  # [B, H, W, C_out]
-        h = make_group_norm(self.norm_num_groups, name="norm2", **kwargs)(h)
+        h = _norm(self.norm_type, self.norm_num_groups, name="norm2", **kwargs)(h)
         h = make_conv(self.out_channels, 3, name="conv2", **kwargs)(nn.silu(h))  # [B, H, W, C_out]
         if x.shape[-1] != self.out_channels:
             residual = make_conv(self.out_channels, 1, name="conv_shortcut", **kwargs)(x)  # [B, H, W, C_out]
@@ -185,6 +209,7 @@ class MidBlock2D(nn.Module):
 
     norm_num_groups: int
     attention: bool = True
+    norm_type: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -192,10 +217,10 @@ class MidBlock2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C]
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = x.shape[-1]
-        x = ResnetBlock2D(channels, self.norm_num_groups, name="resnets_0", **kwargs)(x)
+        x = ResnetBlock2D(channels, self.norm_num_groups, self.norm_type, name="resnets_0", **kwargs)(x)
         if self.attention:
             x = SpatialSelfAttention(self.norm_num_groups, name="attentions_0", **kwargs)(x)
-        return ResnetBlock2D(channels, self.norm_num_groups, name="resnets_1", **kwargs)(x)  # [B, H, W, C]
+        return ResnetBlock2D(channels, self.norm_num_groups, self.norm_type, name="resnets_1", **kwargs)(x)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -205,6 +230,7 @@ class DownEncoderBlock2D(nn.Module):
     num_layers: int
     norm_num_groups: int
     add_downsample: bool
+    norm_type: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -212,7 +238,7 @@ class DownEncoderBlock2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C_in]
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.norm_num_groups, name=f"resnets_{i}", **kwargs)(x)
+            x = ResnetBlock2D(self.out_channels, self.norm_num_groups, self.norm_type, name=f"resnets_{i}", **kwargs)(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, name="downsamplers_0", **kwargs)(x)  # [B, H/2, W/2, C_out]
         return constrain_batch(x)
@@ -225,6 +251,7 @@ class UpDecoderBlock2D(nn.Module):
     num_layers: int
     norm_num_groups: int
     add_upsample: bool
+    norm_type: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -232,7 +259,7 @@ class UpDecoderBlock2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C_in]
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.norm_num_groups, name=f"resnets_{i}", **kwargs)(x)
+            x = ResnetBlock2D(self.out_channels, self.norm_num_groups, self.norm_type, name=f"resnets_{i}", **kwargs)(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kwargs)(x)  # [B, 2H, 2W, C_out]
         return constrain_batch(x)
@@ -248,6 +275,7 @@ class Encoder(nn.Module):
       norm_num_groups: GroupNorm groups; must divide every entry of `block_out_channels`.
       use_mid_block: whether to run the resnet/attention/resnet block at the lowest resolution.
       mid_block_attention: whether the mid block has its self-attention layer.
+      norm_type: 'group' (diffusers) or 'layer' (per-pixel, keeps latents local; see `_norm`).
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
 
@@ -257,6 +285,7 @@ class Encoder(nn.Module):
     norm_num_groups: int = 32
     use_mid_block: bool = True
     mid_block_attention: bool = True
+    norm_type: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -272,13 +301,16 @@ class Encoder(nn.Module):
                 self.layers_per_block,
                 self.norm_num_groups,
                 add_downsample=i < num_levels - 1,
+                norm_type=self.norm_type,
                 name=f"down_blocks_{i}",
                 **kwargs,
             )(x)
         # x: [B, h, w, C_last] with h = H / 2**(num_levels - 1)
         if self.use_mid_block:
-            x = MidBlock2D(self.norm_num_groups, self.mid_block_attention, name="mid_block", **kwargs)(x)
-        x = nn.silu(make_group_norm(self.norm_num_groups, name="conv_norm_out", **kwargs)(x))
+            x = MidBlock2D(self.norm_num_groups, self.mid_block_attention, self.norm_type, name="mid_block", **kwargs)(
+                x
+            )
+        x = nn.silu(_norm(self.norm_type, self.norm_num_groups, name="conv_norm_out", **kwargs)(x))
         x = make_conv(self.out_channels, 3, name="conv_out", **kwargs)(x)  # [B, h, w, out_channels]
         return constrain_batch(x)
 
@@ -296,6 +328,7 @@ class Decoder(nn.Module):
     norm_num_groups: int = 32
     use_mid_block: bool = True
     mid_block_attention: bool = True
+    norm_type: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -305,7 +338,9 @@ class Decoder(nn.Module):
         x = constrain_batch(z)
         x = make_conv(self.block_out_channels[-1], 3, name="conv_in", **kwargs)(x)  # [B, h, w, C_last]
         if self.use_mid_block:
-            x = MidBlock2D(self.norm_num_groups, self.mid_block_attention, name="mid_block", **kwargs)(x)
+            x = MidBlock2D(self.norm_num_groups, self.mid_block_attention, self.norm_type, name="mid_block", **kwargs)(
+                x
+            )
         num_levels = len(self.block_out_channels)
         for i, channels in enumerate(reversed(self.block_out_channels)):
             x = UpDecoderBlock2D(
@@ -313,11 +348,12 @@ class Decoder(nn.Module):
                 self.layers_per_block + 1,
                 self.norm_num_groups,
                 add_upsample=i < num_levels - 1,
+                norm_type=self.norm_type,
                 name=f"up_blocks_{i}",
                 **kwargs,
             )(x)
         # x: [B, H, W, C_0] with H = h * 2**(num_levels - 1)
-        x = nn.silu(make_group_norm(self.norm_num_groups, name="conv_norm_out", **kwargs)(x))
+        x = nn.silu(_norm(self.norm_type, self.norm_num_groups, name="conv_norm_out", **kwargs)(x))
         x = make_conv(self.out_channels, 3, name="conv_out", **kwargs)(x)  # [B, H, W, out_channels]
         return constrain_batch(x)
 
@@ -330,6 +366,7 @@ def trunk_kwargs(model: nn.Module) -> dict:
         norm_num_groups=model.norm_num_groups,
         use_mid_block=model.use_mid_block,
         mid_block_attention=model.mid_block_attention,
+        norm_type=getattr(model, "norm_type", "group"),
         dtype=model.dtype,
         param_dtype=model.param_dtype,
     )
