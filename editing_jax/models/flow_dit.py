@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editing_jax.nn.attention import rope_frequencies
+from editing_jax.nn.attention import grid_position_ids, rope_frequencies
 from editing_jax.nn.embeddings import CombinedTimestepTextProjEmbeddings
 from editing_jax.nn.transformer import (
     DEFAULT_LORA_TARGETS,
@@ -48,7 +48,9 @@ from editing_jax.nn.transformer import (
     Dense,
     DoubleStreamBlock,
     SingleStreamBlock,
-    _modulate,
+    block_scope_name,
+    modulate,
+    stack_captured_attention,
 )
 
 Dtype = Any
@@ -112,9 +114,7 @@ def latent_image_ids(height: int, width: int, index: int = 0) -> np.ndarray:
     Returns:
       `[height * width, 3]` float32.
     """
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    index_col = np.full(height * width, index)
-    return np.stack([index_col, rows.reshape(-1), cols.reshape(-1)], axis=-1).astype(np.float32)
+    return grid_position_ids(height, width, index)
 
 
 def _concat_ids(ids: Sequence[PositionIds]) -> PositionIds:
@@ -171,9 +171,7 @@ class FlowDiT(nn.Module):
 
     def block_name(self, layer: int) -> str:
         """Scope name of global block `layer` (double blocks first, then single), e.g. for captured attention."""
-        if layer < self.num_layers:
-            return f"transformer_blocks_{layer}"
-        return f"single_transformer_blocks_{layer - self.num_layers}"
+        return block_scope_name(layer, self.num_layers)
 
     @nn.compact
     def __call__(
@@ -251,7 +249,7 @@ class FlowDiT(nn.Module):
 
         x = x[:, :target_len]  # [B, L, D]: reference outputs are dropped
         scale, shift = AdaLNModulation(2, self.zero_init_modulation, name="norm_out", **kwargs)(temb)  # [B, D] each
-        x = _modulate(x, shift, scale, self.dtype)  # [B, L, D]
+        x = modulate(x, shift, scale, self.dtype)  # [B, L, D]
         out_channels = self.out_channels or hidden.shape[-1]
         output_init = nn.initializers.zeros_init() if self.zero_init_output else nn.initializers.lecun_normal()
         return Dense(out_channels, ("embed", None), kernel_init=output_init, name="proj_out", **kwargs)(x)  # [B, L, C]
@@ -259,11 +257,7 @@ class FlowDiT(nn.Module):
 
 def captured_attention(model: FlowDiT, intermediates: Mapping[str, Any], layers: Sequence[int]) -> jax.Array:
     """Stacks the attention probabilities sown for `layers` (see `capture_layers`): `[N, B, H, L_all, L_all]`."""
-    probs = []
-    for layer in layers:
-        sown = intermediates[model.block_name(layer)]["attn"]["attention_probs"]
-        probs.append(sown[0] if isinstance(sown, tuple) else sown)
-    return jnp.stack(probs)
+    return stack_captured_attention(intermediates, layers, model.num_layers)
 
 
 # --- LoRA parameter utilities (work on unboxed param trees of any model built from `nn.transformer.Dense`). ---

@@ -27,9 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from editing_jax.nn import uvit
-from editing_jax.nn.attention import rope_frequencies
+from editing_jax.nn.attention import grid_position_ids, rope_frequencies
 from editing_jax.nn.embeddings import CombinedTimestepTextProjEmbeddings, TimestepEmbedding, timestep_embedding
-from editing_jax.nn.transformer import Dense, DoubleStreamBlock, SingleStreamBlock
+from editing_jax.nn.transformer import (
+    Dense,
+    DoubleStreamBlock,
+    SingleStreamBlock,
+    block_scope_name,
+    stack_captured_attention,
+)
 
 Dtype = Any
 # Additive logit standing in for log(0): exp(-1e9 - max) is exactly 0 in float32.
@@ -45,12 +51,6 @@ def gamma_bias(gamma: float | jax.Array, text_len: int, image_len: int, cond_len
     query, key = groups[:, None], groups[None, :]
     cross = ((query == 1) & (key == 2)) | ((query == 2) & (key == 1)) | ((query == 0) & (key == 2))
     return jnp.where(jnp.asarray(cross), log_gamma, 0.0)  # [L, L]
-
-
-def grid_position_ids(height: int, width: int) -> np.ndarray:
-    """Flux-style ids `[h*w, 3]`: (0, row, col) in raster order."""
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    return np.stack([np.zeros(height * width), rows.reshape(-1), cols.reshape(-1)], axis=-1).astype(np.float32)
 
 
 class MaskedGenerativeTransformer(nn.Module):
@@ -228,15 +228,9 @@ class MaskedGenerativeTransformer(nn.Module):
         return self.num_layers + self.num_single_layers
 
     def block_name(self, layer: int) -> str:
-        if layer < self.num_layers:
-            return f"transformer_blocks_{layer}"
-        return f"single_transformer_blocks_{layer - self.num_layers}"
+        return block_scope_name(layer, self.num_layers)
 
 
 def captured_attention(model: MaskedGenerativeTransformer, intermediates: dict, layers: tuple[int, ...]) -> jax.Array:
     """Stacks the attention probabilities sown for `layers`: `[N, B, heads, L, L]`."""
-    probs = []
-    for layer in layers:
-        sown = intermediates[model.block_name(layer)]["attn"]["attention_probs"]
-        probs.append(sown[0] if isinstance(sown, tuple) else sown)
-    return jnp.stack(probs)
+    return stack_captured_attention(intermediates, layers, model.num_layers)

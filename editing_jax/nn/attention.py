@@ -56,6 +56,16 @@ def rope_frequencies(
     return cos, sin
 
 
+def grid_position_ids(height: int, width: int, index: int = 0) -> np.ndarray:
+    """Flux position ids of a token grid: `(index, row, column)` in raster order, `[height * width, 3]` float32.
+
+    NumPy output keeps RoPE on the exact host path (`rope_frequencies`).
+    """
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    index_col = np.full(height * width, index)
+    return np.stack([index_col, rows.reshape(-1), cols.reshape(-1)], axis=-1).astype(np.float32)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates adjacent channel pairs of `x` by the RoPE angles (diffusers' `apply_rotary_emb`, unbind dim -1).
 

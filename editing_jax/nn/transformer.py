@@ -121,7 +121,7 @@ def _layer_norm(x: jax.Array) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + NORM_EPSILON)
 
 
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype) -> jax.Array:
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Dtype) -> jax.Array:
     """`LayerNorm(x) * (1 + scale) + shift` per sample; x: [B, L, D], shift/scale: [B, D]."""
     shift = shift.astype(jnp.float32)[:, None]  # [B, 1, D]
     scale = scale.astype(jnp.float32)[:, None]  # [B, 1, D]
@@ -143,7 +143,7 @@ class AdaLNModulation(nn.Module):
     """`SiLU -> Dense(num_chunks * D)` on the conditioning embedding, split into `num_chunks` vectors `[B, D]`.
 
     This is the `linear` of diffusers' `AdaLayerNormZero` (6 chunks) / `AdaLayerNormZeroSingle` (3 chunks); the
-    normalization itself is applied by the block (`_modulate`) so one modulation can serve several token groups.
+    normalization itself is applied by the block (`modulate`) so one modulation can serve several token groups.
     The kernel and bias start at zero by default (adaLN-Zero: a fresh block is the identity).
     """
 
@@ -443,14 +443,14 @@ class DoubleStreamBlock(_BlockFields):
         groups = [(context, norm1_context(temb), True), (hidden, norm1(temb), False)]
         if cond_hidden is not None:
             groups.append((cond_hidden, norm1(cond_temb), False))
-        attn_inputs = [(_modulate(x, mod[0], mod[1], self.dtype), is_context) for x, mod, is_context in groups]
+        attn_inputs = [(modulate(x, mod[0], mod[1], self.dtype), is_context) for x, mod, is_context in groups]
         attn_outputs = attn(attn_inputs, rope, attention_bias, capture_attention)  # per group [B, L_g, D]
 
         outputs = []
         for (x, mod, is_context), attn_out in zip(groups, attn_outputs, strict=True):
             _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod  # each [B, D]
             x = x + gate_msa[:, None] * attn_out  # [B, L_g, D]
-            ff_out = (ff_context if is_context else ff)(_modulate(x, shift_mlp, scale_mlp, self.dtype))
+            ff_out = (ff_context if is_context else ff)(modulate(x, shift_mlp, scale_mlp, self.dtype))
             x = x + gate_mlp[:, None] * ff_out  # [B, L_g, D]
             outputs.append(constrain_batch(x.astype(self.dtype)))
         context_out, hidden_out = outputs[0], outputs[1]
@@ -502,7 +502,7 @@ class SingleStreamBlock(_BlockFields):
         groups = [(jnp.concatenate([context, hidden], axis=1), norm(temb))]  # [B, Lt + Li, D]
         if cond_hidden is not None:
             groups.append((cond_hidden, norm(cond_temb)))
-        normed = jnp.concatenate([_modulate(x, mod[0], mod[1], self.dtype) for x, mod in groups], axis=1)  # [B, L, D]
+        normed = jnp.concatenate([modulate(x, mod[0], mod[1], self.dtype) for x, mod in groups], axis=1)  # [B, L, D]
 
         mlp = Dense(
             int(dim * self.mlp_ratio),
@@ -543,3 +543,19 @@ class SingleStreamBlock(_BlockFields):
         context_out, hidden_out = outputs[0][:, :text_len], outputs[0][:, text_len:]
         cond_out = outputs[1] if cond_hidden is not None else None
         return hidden_out, context_out, cond_out
+
+
+def block_scope_name(layer: int, num_double_blocks: int) -> str:
+    """Scope of global block `layer` in a stack of double blocks followed by single blocks (diffusers' names)."""
+    if layer < num_double_blocks:
+        return f"transformer_blocks_{layer}"
+    return f"single_transformer_blocks_{layer - num_double_blocks}"
+
+
+def stack_captured_attention(intermediates, layers: Sequence[int], num_double_blocks: int) -> jax.Array:
+    """Stacks the probabilities sown by `capture_attention=True` for global `layers`: `[N, B, H, L, L]`."""
+    probs = []
+    for layer in layers:
+        sown = intermediates[block_scope_name(layer, num_double_blocks)]["attn"]["attention_probs"]
+        probs.append(sown[0] if isinstance(sown, tuple) else sown)
+    return jnp.stack(probs)
