@@ -17,12 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _patches(images: np.ndarray, patch: int) -> np.ndarray:
-    n, size = images.shape[0], images.shape[1]
-    grid = size // patch
-    return images.reshape(n, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, patch * patch * 3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patch", type=int, default=2)
@@ -31,9 +25,19 @@ def main() -> None:
     parser.add_argument("--train_examples", type=int, default=2000)
     parser.add_argument("--test_examples", type=int, default=512)
     parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument(
+        "--init",
+        choices=("distinct", "random"),
+        default="distinct",
+        help="seed codes from distinct rounded patches or from random patches",
+    )
     args = parser.parse_args()
 
     from editing_jax.data.world import edits, verifier
+    from editing_jax.models.flow_dit import pack_latents, unpack_latents
+
+    def patches(images):  # [N, S, S, 3] -> [N * (S / P)^2, P * P * 3]
+        return np.asarray(pack_latents(images, args.patch)).reshape(-1, 3 * args.patch**2)
 
     world = edits.WorldConfig(size=args.size)
     to_float = lambda x: x.astype(np.float32) / 127.5 - 1.0  # noqa: E731
@@ -41,8 +45,8 @@ def main() -> None:
     images = to_float(
         np.concatenate([np.stack([s.source_image for s in train]), np.stack([s.target_image for s in train])])
     )
-    vectors = _patches(images, args.patch)  # [N, P*P*3]
-    distinct = np.unique(np.round(vectors * 16) / 16, axis=0)
+    vectors = patches(images)  # [N, P*P*3]
+    distinct = np.unique(np.round(vectors * 16) / 16, axis=0) if args.init == "distinct" else vectors
     rng = np.random.default_rng(0)
     codebook = jnp.asarray(distinct[rng.choice(len(distinct), args.codes, replace=len(distinct) < args.codes)])
     data = jnp.asarray(vectors)
@@ -64,16 +68,16 @@ def main() -> None:
     grid = args.size // args.patch
 
     def tokenize(x):
-        return np.asarray(nearest(jnp.asarray(_patches(x, args.patch)), codebook)).reshape(len(x), grid, grid)
+        return np.asarray(nearest(jnp.asarray(patches(x)), codebook)).reshape(len(x), grid, grid)
 
     targets = to_float(np.stack([s.target_image for s in test]))
     target_tokens = tokenize(targets)
     source_tokens = tokenize(to_float(np.stack([s.source_image for s in test])))
-    recon = np.asarray(codebook)[target_tokens].reshape(len(test), grid, grid, args.patch, args.patch, 3)
-    recon = recon.transpose(0, 1, 3, 2, 4, 5).reshape(targets.shape)
+    codes = np.asarray(codebook)[target_tokens].reshape(len(test), grid * grid, -1)  # [N, g*g, P*P*3]
+    recon = np.asarray(unpack_latents(codes, args.size, args.size, args.patch))  # [N, S, S, 3]
     recon_uint8 = np.clip(np.round((recon + 1) * 127.5), 0, 255).astype(np.uint8)
     report = {
-        "command": f"python benchmarks/patch_kmeans_tokenizer.py --patch {args.patch} --codes {args.codes}",
+        "command": f"python benchmarks/patch_kmeans_tokenizer.py --patch {args.patch} --codes {args.codes} --init {args.init}",
         "codes_used": int(used),
         "psnr": float(10 * np.log10(4.0 / np.mean((recon - targets) ** 2))),
         "verifier_success": float(verifier.verify(list(recon_uint8), [s.edit.target for s in test]).success.mean()),
