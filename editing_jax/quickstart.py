@@ -2,7 +2,7 @@
 
 Stages (each resumable: a finished stage is skipped, an interrupted training resumes from its checkpoint):
   1. world: a preview grid of held-out edits and the prepared test split (tfds array_record) under `world/`;
-  2. vq: `configs/tokenizer/vq.py:size=32,quick` in `vq/`;
+  2. vq: `configs/tokenizer/vq.py:size=32,patch` (the local patch tokenizer) in `vq/`;
   3. editmgt: `configs/editmgt/edit.py:size=32,quick` in `editmgt/`, tokenizer from stage 2;
   4. eval: held-out verifier success per edit type with and without region hold, a lambda sweep, figures.
 
@@ -25,7 +25,7 @@ from editing_jax import config_lib
 
 logger = logging.getLogger(__name__)
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-VQ_CONFIG = "tokenizer/vq.py:size=32,quick"
+VQ_CONFIG = "tokenizer/vq.py:size=32,patch"
 EDITMGT_CONFIG = "editmgt/edit.py:size=32,quick"
 SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 GRID_ROWS = 10

@@ -234,11 +234,12 @@ def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
     assert 0.0 <= float(plain_aux.metrics["changed_accuracy"]) <= 1.0
 
 
-def test_source_concat_path_is_gated_by_gamma(tiny_mgt):
+@pytest.mark.parametrize("path", ["source_concat", "source_skip"])
+def test_source_paths_are_gated_by_gamma(tiny_mgt, path):
     _, _, inputs, cond = tiny_mgt
     model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                         embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
-                                        zero_init_modulation=False, source_concat=True)  # fmt: skip
+                                        zero_init_modulation=False, **{path: True})  # fmt: skip
     variables = model.init(jax.random.key(0), **inputs, cond_tokens=cond)
     variables = jax.tree.map(lambda x: x + 0.1, variables)  # the projection starts at zero; make it matter
     other = (cond + 5) % 16
@@ -247,3 +248,25 @@ def test_source_concat_path_is_gated_by_gamma(tiny_mgt):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     c = model.apply(variables, **inputs, cond_tokens=other, gamma=1.0)
     assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_source_skip_reaches_the_head_at_full_token_resolution(tiny_mgt):
+    # adaLN-Zero init: the blocks pass image tokens through unchanged, so a condition token reaches the logits only
+    # through the skip, which must act at its own grid position (not on its whole 2x2 downsampling block).
+    _, _, inputs, cond = tiny_mgt
+    model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
+                                        embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4), source_skip=True)  # fmt: skip
+    variables = model.init(jax.random.key(0), **inputs, cond_tokens=cond)
+    params = dict(variables["params"])
+    params["source_skip_proj"] = jax.tree.map(lambda x: x + 0.5, params["source_skip_proj"])
+    variables = {**variables, "params": params}
+    other = cond.at[:, 3, 1].set((cond[:, 3, 1] + 7) % 16)
+    a = model.apply(variables, **inputs, cond_tokens=cond, gamma=1.0)
+    b = model.apply(variables, **inputs, cond_tokens=other, gamma=1.0)
+    changed = np.abs(np.asarray(a - b)).sum(-1) > 1e-6  # [B, h, w]
+    expected = np.zeros_like(changed)
+    expected[:, 3, 1] = True
+    np.testing.assert_array_equal(changed, expected)
+    without_skip = model.apply(variables, **inputs, cond_tokens=other, gamma=0.0)  # gated off with gamma
+    np.testing.assert_array_equal(np.asarray(without_skip), np.asarray(model.apply(variables, **inputs, gamma=0.0,
+                                                                                  cond_tokens=cond)))  # fmt: skip

@@ -268,6 +268,87 @@ def test_l2_normalized_codes_have_unit_norm():
     np.testing.assert_allclose(jnp.linalg.norm(new["state"]["codebook"], axis=-1), 1.0, rtol=1e-5)
 
 
+def test_error_weighted_restart_draws_the_worst_quantized_vectors():
+    # Codes 0/1 are live; codes 2/3 are dead. The batch has 14 vectors at the live codes (zero error) and 2 far
+    # outliers: uniform sampling would almost surely restart from the zero-error vectors, 'error' picks the outliers.
+    codebook = np.array([[1.0, 1.0], [-1.0, -1.0], [50.0, 50.0], [-50.0, 50.0]], np.float32)
+    rows = np.concatenate([np.tile([[1.0, 1.0]], (7, 1)), np.tile([[-1.0, -1.0]], (7, 1)), [[9.0, -9.0], [-9.0, 9.0]]])
+    z = rows.astype(np.float32).reshape(1, 4, 4, 2)
+    state = _quantizer_state(codebook, [4.0, 4.0, 0.0, 0.0], [1.0, 1.0, 1e-3, 1e-3])
+    quantizer = vq.VectorQuantizer(4, 2, ema_decay=0.99, dead_code_threshold=0.01, restart_sampling="error")
+    (_, aux), new = quantizer.apply(state, z, train=True, mutable=["state"], rngs={"restart": jax.random.key(0)})
+    assert int(aux["restarted_codes"]) == 2
+    restarted = {tuple(code) for code in np.asarray(new["state"]["codebook"])[2:].tolist()}
+    assert restarted == {(9.0, -9.0), (-9.0, 9.0)}
+    with pytest.raises(ValueError, match="restart_sampling"):
+        vq.VectorQuantizer(4, 2, restart_sampling="worst").init(jax.random.key(0), z)
+
+
+def test_kmeans_plus_plus_covers_every_cluster_and_handles_duplicates():
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], np.float32)
+    # 1,000 points at the first center, 1 at each of the others: uniform seeding would miss the small clusters.
+    vectors = np.concatenate([np.repeat(centers[:1], 1000, axis=0), centers[1:]])
+    codes = np.asarray(vq.kmeans_plus_plus(jax.random.key(0), jnp.asarray(vectors), 4))
+    assert {tuple(c) for c in codes.tolist()} == {tuple(c) for c in centers.tolist()}
+    # More codes than distinct vectors: every code is still a data vector.
+    codes = np.asarray(vq.kmeans_plus_plus(jax.random.key(1), jnp.asarray(vectors), 9))
+    assert codes.shape == (9, 2) and {tuple(c) for c in codes.tolist()} == {tuple(c) for c in centers.tolist()}
+
+
+def test_patch_tokenizer_is_local_and_exact_on_its_codes(images):
+    model = vq.VQModel(encoder_type="patch", decoder_type="patch", patch_size=2, code_dim=12, codebook_size=32)
+    variables = model.init(jax.random.key(0), images)
+    assert "params" not in variables and model.downsample_factor == 2
+    blocks = model.apply(variables, images, method=vq.VQModel.encode_continuous)  # [2, 16, 16, 12]
+    assert blocks.shape == (2, 16, 16, 12)
+    np.testing.assert_array_equal(
+        blocks[0, 3, 5].reshape(3, 2, 2), np.asarray(images[0, 6:8, 10:12]).transpose(2, 0, 1)
+    )
+    np.testing.assert_array_equal(model.apply(variables, blocks, method=vq.VQModel.decode_codes), images)
+    tokens = model.apply(variables, images, method=vq.VQModel.encode)  # [2, 16, 16]
+    changed = model.apply(variables, images.at[:, 4:6, 8:10].set(1.0), method=vq.VQModel.encode)
+    differs = np.asarray(tokens != changed)
+    assert not differs[:, np.arange(16) != 2].any() and not differs[:, :, np.arange(16) != 4].any()
+    # A reconstruction is exactly the looked-up codes laid out as blocks.
+    recon, aux = model.apply(variables, images)
+    codebook = variables["state"]["quantize"]["codebook"].value
+    expected = model.apply(variables, codebook[aux["indices"]], method=vq.VQModel.decode_codes)
+    np.testing.assert_array_equal(recon, expected)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(encoder_type="patch", decoder_type="patch", code_dim=8), "code_dim"),
+        (dict(encoder_type="pixels"), "encoder_type"),
+        (dict(encoder_type="patch", decoder_type="conv", patch_size=4, code_dim=48, **TINY_TRUNK), "patch_size"),
+        (dict(codebook_init="random"), "codebook_init"),
+    ],
+)
+def test_bad_vq_layouts_are_rejected(fields, match, images):
+    with pytest.raises(ValueError, match=match):
+        vq.VQModel(**fields).init(jax.random.key(0), images)
+
+
+def test_patch_tokenizer_trains_without_params_from_kmeans_plus_plus_seeds(world_batch):
+    model = vq.VQModel(encoder_type="patch", decoder_type="patch", code_dim=12, codebook_size=8,
+                       commitment_weight=0.0, codebook_init="kmeans++", restart_sampling="error")  # fmt: skip
+    objective = tokenizer.make_vq_objective(model, recon_loss="l2")
+    variables = jax.jit(objective.init)(jax.random.key(0), _array_batch(world_batch))
+    state = nn.meta.unbox(variables)
+    assert set(state) == {"state"}
+    seeded = np.asarray(state["state"]["quantize"]["codebook"])
+    blocks = np.asarray(model.apply(state, tokenizer._training_images(world_batch),
+                                    method=vq.VQModel.encode_continuous)).reshape(-1, 12)  # fmt: skip
+    # Every seed is a training block (up to the rounding of jit-fused uint8 -> float conversions).
+    assert all(np.any(np.all(np.abs(blocks - code) < 1e-6, axis=-1)) for code in seeded)
+    loss_fn = jax.jit(lambda s, rng: objective.loss({}, s, _array_batch(world_batch), rng))
+    first, aux = loss_fn(state, jax.random.key(1))
+    for step in range(5):
+        loss, aux = loss_fn(aux.model_state, jax.random.key(step))
+    assert float(loss) < float(first)  # EMA (online k-means) steps lower the reconstruction error
+
+
 # ---- KL autoencoder ----------------------------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "rope_theta": 10.0,
             "qk_norm_scale_init": 3.0,
             "source_concat": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_concat
+            "source_skip": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_skip
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editing_jax.models.autoencoder import AutoencoderKL, gaussian_kl
-from editing_jax.models.vq import VQModel
+from editing_jax.models.vq import VQModel, kmeans_plus_plus
 from editing_jax.train.objective import LossAux, Objective
 
 PyTree = Any
@@ -106,6 +106,21 @@ def _evaluate(forward: Callable, params: PyTree, model_state: PyTree, batches: I
     return float(np.concatenate(psnrs).mean()), success, extras
 
 
+def _seed_codebook(model: VQModel, variables: PyTree, images: jax.Array, rng: jax.Array) -> PyTree:
+    """Replaces the codebook in init `variables` by k-means++ seeds drawn from the images' pre-quantization vectors.
+
+    Keeps the logical-partitioning boxes of the init variables (the trainer derives shardings from them).
+    """
+    vectors = model.apply(variables, images, method=VQModel.encode_continuous)  # [N, h, w, D]
+    vectors = model.apply(variables, vectors, method=lambda vq, z: vq.quantize.prepare(z))
+    codes = kmeans_plus_plus(rng, vectors, model.codebook_size)  # [K, D]
+    state = dict(variables["state"])
+    quantize = dict(state["quantize"])
+    quantize["codebook"] = quantize["codebook"].replace_boxed(codes)
+    state["quantize"] = quantize
+    return {**variables, "state": state}
+
+
 def make_vq_objective(model: VQModel, *, recon_loss: str = "l1") -> Objective:
     """Objective training `model` to reconstruct source and target images through its codebook.
 
@@ -119,7 +134,11 @@ def make_vq_objective(model: VQModel, *, recon_loss: str = "l1") -> Objective:
     recon_loss_fn = _recon_loss_fn(recon_loss)
 
     def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
-        return model.init(rng, images_to_float(batch["source_image"]), train=False)
+        init_rng, seed_rng = jax.random.split(rng)
+        variables = model.init(init_rng, images_to_float(batch["source_image"]), train=False)
+        if model.codebook_init == "kmeans++":
+            variables = _seed_codebook(model, variables, _training_images(batch), seed_rng)
+        return variables
 
     def loss(params, model_state, batch, rng):
         images = _training_images(batch)  # [2B, S, S, 3]

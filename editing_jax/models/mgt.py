@@ -71,6 +71,10 @@ class MaskedGenerativeTransformer(nn.Module):
         tokens' embedding at the same grid position, InstructPix2Pix-style, besides EditMGT's C_V attention path.
         Not in EditMGT: a from-scratch model learns to copy unchanged regions far sooner. The path is scaled by
         min(gamma, 1), so gamma = 0 still removes the condition exactly.
+      source_skip: also add a (zero-initialized) projection of the condition tokens' embedding right before the MLM
+        head, at full token resolution (after the 2x upsampling), scaled like `source_concat`. Not in EditMGT: with
+        `downsample` every token must otherwise be rebuilt from a 2x2-merged representation, which caps how exactly
+        a from-scratch model copies unchanged tokens (89 % after 1,200 quickstart steps, docs/RESULTS.md).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -89,6 +93,7 @@ class MaskedGenerativeTransformer(nn.Module):
     rope_theta: float = 10000.0
     qk_norm_scale_init: float = 1.0
     source_concat: bool = False
+    source_skip: bool = False
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -133,6 +138,9 @@ class MaskedGenerativeTransformer(nn.Module):
         if self.source_concat:
             self.source_proj = Dense(width, (None, "embed"), use_bias=False, kernel_init=nn.initializers.zeros_init(),
                                      **kwargs)  # fmt: skip
+        if self.source_skip:
+            self.source_skip_proj = Dense(width, (None, "embed"), use_bias=False,
+                                          kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
 
     def _image_tokens(self, tokens: jax.Array, extra: jax.Array | None = None) -> tuple[jax.Array, tuple[int, int]]:
         x = self.embed(tokens)  # [B, h, w, D]
@@ -180,10 +188,14 @@ class MaskedGenerativeTransformer(nn.Module):
         temb = self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, pooled)  # [B, D]
         context = self.encoder_proj_layer_norm(self.context_embedder(text_hidden))  # [B, Lt, D]
 
-        extra = None
-        if self.source_concat and cond_tokens is not None:
+        extra = skip = None
+        if cond_tokens is not None and (self.source_concat or self.source_skip):
             strength = 1.0 if gamma is None else jnp.minimum(jnp.asarray(gamma, jnp.float32), 1.0)
-            extra = strength * self.source_proj(self.embed(cond_tokens))  # [B, h, w, D]
+            cond_embedding = self.embed(cond_tokens)  # [B, h, w, D]
+            if self.source_concat:
+                extra = strength * self.source_proj(cond_embedding)
+            if self.source_skip:
+                skip = strength * self.source_skip_proj(cond_embedding)
         hidden, (grid_h, grid_w) = self._image_tokens(tokens, extra)  # [B, g, D]
         image_ids = grid_position_ids(grid_h, grid_w)  # [g, 3]
         text_len, image_len = context.shape[1], hidden.shape[1]
@@ -221,6 +233,8 @@ class MaskedGenerativeTransformer(nn.Module):
         hidden = hidden.reshape(batch, grid_h, grid_w, -1)
         if self.downsample:
             hidden = self.up_block(hidden)  # [B, h, w, D]
+        if skip is not None:
+            hidden = hidden + skip
         return self.mlm_layer(hidden)  # [B, h, w, V]
 
     @property

@@ -1,6 +1,9 @@
-"""VQ image tokenizer: conv encoder -> vector quantizer with an EMA codebook -> conv decoder.
+"""VQ image tokenizer: encoder -> vector quantizer with an EMA codebook -> decoder.
 
-The tokens feed the masked generative transformer (EditMGT). The codebook is not a parameter: it lives in the
+The tokens feed the masked generative transformer (EditMGT). Encoder and decoder are either diffusers-style conv
+trunks (`VQModel`'s default, weight-compatible with diffusers' `VQModel`) or parameter-free patch maps: a token is
+then the code of one non-overlapping `patch x patch` pixel block and decoding is a lookup, so the tokenizer is
+perfectly local (an edit changes only the tokens of the blocks it touches) and the EMA update is online k-means. The codebook is not a parameter: it lives in the
 'state' collection and is learned by exponential moving averages of the encoder outputs assigned to each code
 (van den Oord et al. 2017, appendix; Razavi et al. 2019), so the optimizer only sees encoder/decoder weights and the
 loss only needs the commitment term. Unused codes are restarted from the current batch's encoder outputs
@@ -12,19 +15,51 @@ the 'restart' stream is only needed when `dead_code_threshold > 0`. With `train=
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from editing_jax.models.flow_dit import pack_latents, unpack_latents
 from editing_jax.nn import conv
 
 Dtype = Any
 
 
+ENCODER_TYPES = ("conv", "patch")
+RESTART_SAMPLING = ("uniform", "error")
+
+
 def _l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), epsilon**2))
+
+
+def kmeans_plus_plus(rng: jax.Array, vectors: jax.Array, num_codes: int) -> jax.Array:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): `num_codes` rows of vectors [N, D] -> [K, D] float32.
+
+    Each new code is drawn with probability proportional to the squared distance to the nearest code drawn so far,
+    so rare vectors (small objects, edges) get codes and not only the dominant flat backgrounds. Once every vector
+    coincides with a code (fewer distinct vectors than codes), the rest are drawn uniformly (duplicates).
+    """
+    vectors = vectors.reshape(-1, vectors.shape[-1]).astype(jnp.float32)  # [N, D]
+    keys = jax.random.split(rng, num_codes)
+    first = vectors[jax.random.randint(keys[0], (), 0, vectors.shape[0])]  # [D]
+    codes = jnp.zeros((num_codes, vectors.shape[1]), jnp.float32).at[0].set(first)  # [K, D]
+    nearest_sq = jnp.sum(jnp.square(vectors - first), axis=-1)  # [N]
+
+    def draw(index, carry):
+        codes, nearest_sq = carry
+        total = jnp.sum(nearest_sq)
+        logits = jnp.where(total > 0, jnp.log(jnp.maximum(nearest_sq, 1e-30)), 0.0)  # [N]
+        logits = jnp.where((total > 0) & (nearest_sq <= 0), -jnp.inf, logits)
+        row = vectors[jax.random.categorical(keys[index], logits)]  # [D]
+        nearest_sq = jnp.minimum(nearest_sq, jnp.sum(jnp.square(vectors - row), axis=-1))
+        return codes.at[index].set(row), nearest_sq
+
+    codes, _ = jax.lax.fori_loop(1, num_codes, draw, (codes, nearest_sq))
+    return codes
 
 
 @jax.custom_jvp
@@ -70,6 +105,8 @@ class VectorQuantizer(nn.Module):
       ema_epsilon: Laplace smoothing of cluster sizes (avoids dividing by ~0 for rarely used codes).
       l2_normalize: l2-normalize inputs and codes, so the lookup is by cosine similarity.
       dead_code_threshold: restart codes whose relative usage falls below this; 0 disables restarts.
+      restart_sampling: 'uniform' draws restart vectors uniformly from the batch; 'error' draws them with
+        probability proportional to their squared quantization error (codes go where the codebook is worst).
     """
 
     codebook_size: int
@@ -79,8 +116,11 @@ class VectorQuantizer(nn.Module):
     ema_epsilon: float = 1e-5
     l2_normalize: bool = False
     dead_code_threshold: float = 0.01
+    restart_sampling: str = "uniform"
 
     def setup(self):
+        if self.restart_sampling not in RESTART_SAMPLING:
+            raise ValueError(f"restart_sampling must be one of {RESTART_SAMPLING}, got {self.restart_sampling!r}")
         num_codes, dim = self.codebook_size, self.code_dim
 
         def init_codebook():
@@ -95,13 +135,13 @@ class VectorQuantizer(nn.Module):
         self.embed_sum = state("embed_sum", lambda: jnp.zeros((num_codes, dim), jnp.float32), ("codebook", None))
         self.usage = state("usage", lambda: jnp.ones((num_codes,), jnp.float32), ("codebook",))
 
-    def _prepare(self, z: jax.Array) -> jax.Array:
+    def prepare(self, z: jax.Array) -> jax.Array:
         z = z.astype(jnp.float32)  # Assignments are precision sensitive: always float32.
         return _l2_normalize(z) if self.l2_normalize else z
 
     def nearest(self, z: jax.Array) -> jax.Array:
         """Indices of the nearest codes (L2, or cosine when `l2_normalize`) for z [..., D] -> [...] int32."""
-        return self._nearest_prepared(self._prepare(z))
+        return self._nearest_prepared(self.prepare(z))
 
     def _nearest_prepared(self, z: jax.Array) -> jax.Array:
         flat = z.reshape(-1, self.code_dim)  # [N, D]
@@ -121,7 +161,7 @@ class VectorQuantizer(nn.Module):
         aux: 'commitment_loss' (weighted by beta), 'indices' [B, h, w] int32, 'perplexity' and 'codebook_usage'
         (fraction of codes used) of this batch's assignments, 'restarted_codes' (codes restarted in this call).
         """
-        z = self._prepare(z)  # [B, h, w, D]
+        z = self.prepare(z)  # [B, h, w, D]
         indices = self._nearest_prepared(z)  # [B, h, w]
         quantized = self.lookup(indices)  # [B, h, w, D]
         commitment = self.commitment_weight * jnp.mean(jnp.square(z - jax.lax.stop_gradient(quantized)))
@@ -133,7 +173,8 @@ class VectorQuantizer(nn.Module):
         perplexity = jnp.exp(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-10))))
         restarted = jnp.zeros((), jnp.int32)
         if train:
-            restarted = self._update(flat, flat_indices, counts)
+            errors = jnp.sum(jnp.square(flat - jax.lax.stop_gradient(quantized).reshape(flat.shape)), axis=-1)  # [N]
+            restarted = self._update(flat, flat_indices, counts, errors)
         aux = {
             "commitment_loss": commitment,
             "indices": indices,
@@ -143,7 +184,7 @@ class VectorQuantizer(nn.Module):
         }
         return straight_through(z, quantized), aux
 
-    def _update(self, flat: jax.Array, flat_indices: jax.Array, counts: jax.Array) -> jax.Array:
+    def _update(self, flat: jax.Array, flat_indices: jax.Array, counts: jax.Array, errors: jax.Array) -> jax.Array:
         """EMA codebook update and dead-code restart from this batch; returns the number of restarted codes."""
         decay, num_codes = self.ema_decay, self.codebook_size
         num_vectors = flat.shape[0]
@@ -161,10 +202,9 @@ class VectorQuantizer(nn.Module):
 
         if self.dead_code_threshold > 0:
             dead = usage < self.dead_code_threshold  # [K]
-            rows = jax.random.choice(
-                self.make_rng("restart"), num_vectors, (num_codes,), replace=num_vectors < num_codes
-            )  # [K]
-            codebook = jnp.where(dead[:, None], flat[rows], codebook)
+            rows = self._restart_rows(self.make_rng("restart"), errors, num_codes)  # [K]
+            slot = jnp.cumsum(dead.astype(jnp.int32)) - 1  # [K]: the i-th dead code takes the i-th drawn row
+            codebook = jnp.where(dead[:, None], flat[rows[jnp.maximum(slot, 0)]], codebook)
             cluster_size = jnp.where(dead, 0.0, cluster_size)
             embed_sum = jnp.where(dead[:, None], 0.0, embed_sum)
             usage = jnp.where(dead, 1.0, usage)
@@ -178,22 +218,46 @@ class VectorQuantizer(nn.Module):
         self.usage.value = usage
         return restarted
 
+    def _restart_rows(self, rng: jax.Array, errors: jax.Array, num_codes: int) -> jax.Array:
+        """Rows of the batch [N] to restart codes from, best first: [K] int32, without replacement when N >= K."""
+        num_vectors = errors.shape[0]
+        if self.restart_sampling == "uniform" or num_vectors < num_codes:
+            weights = errors if self.restart_sampling == "error" else None
+            if weights is not None:
+                weights = (weights + 1e-12) / jnp.sum(weights + 1e-12)
+            return jax.random.choice(rng, num_vectors, (num_codes,), replace=num_vectors < num_codes, p=weights)
+        # Weighted sampling without replacement: top-K of log(weight) + Gumbel noise (Gumbel-top-k trick).
+        scores = jnp.log(errors + 1e-12) + jax.random.gumbel(rng, errors.shape)  # [N]
+        return jax.lax.top_k(scores, num_codes)[1]
+
 
 class VQModel(nn.Module):
     """VQ tokenizer: encoder -> 1x1 quant_conv -> quantize -> 1x1 post_quant_conv -> decoder (diffusers' layout).
 
-    Images are float NHWC in [-1, 1]; tokens are a [B, h, w] grid with h = H / 2**(len(block_out_channels) - 1).
+    Images are float NHWC in [-1, 1]; tokens are a [B, h, w] grid with h = H / `downsample_factor`.
+
+    With `encoder_type='patch'` a token's pre-quantization vector is its `patch_size x patch_size` pixel block
+    flattened (no encoder, no quant_conv; code_dim = patch_size**2 * in_channels); with `decoder_type='patch'` a
+    code vector is that block (no post_quant_conv, no decoder; code_dim = patch_size**2 * out_channels). Both patch
+    maps together leave no parameters: the codebook EMA alone is the tokenizer (online k-means on pixel blocks).
 
     Attributes:
+      encoder_type / decoder_type: 'conv' or 'patch'.
+      patch_size: block size of the patch encoder/decoder.
       block_out_channels, layers_per_block, norm_num_groups, use_mid_block, mid_block_attention, norm_type: conv trunk
         (see `editing_jax.nn.conv.Encoder`).
       in_channels / out_channels: image channels.
-      latent_channels: channels of the encoder output and decoder input.
+      latent_channels: channels of the conv encoder output and conv decoder input.
       codebook_size, code_dim, commitment_weight, ema_decay, ema_epsilon, l2_normalize_codes,
-        dead_code_threshold: see `VectorQuantizer`.
+        dead_code_threshold, restart_sampling: see `VectorQuantizer`.
+      codebook_init: 'normal' (random codes) or 'kmeans++' (seeded from the first training batch's pre-quantization
+        vectors by `methods.tokenizer`; the module itself only knows 'normal').
       dtype: activation dtype of the conv trunk (the quantizer always works in float32); param_dtype: weights.
     """
 
+    encoder_type: str = "conv"
+    decoder_type: str = "conv"
+    patch_size: int = 2
     block_out_channels: tuple[int, ...] = (64, 128)
     layers_per_block: int = 1
     norm_num_groups: int = 32
@@ -210,15 +274,33 @@ class VQModel(nn.Module):
     ema_epsilon: float = 1e-5
     l2_normalize_codes: bool = False
     dead_code_threshold: float = 0.01
+    restart_sampling: str = "uniform"
+    codebook_init: str = "normal"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        for field in ("encoder_type", "decoder_type"):
+            if getattr(self, field) not in ENCODER_TYPES:
+                raise ValueError(f"{field} must be one of {ENCODER_TYPES}, got {getattr(self, field)!r}")
+        if self.codebook_init not in ("normal", "kmeans++"):
+            raise ValueError(f"codebook_init must be 'normal' or 'kmeans++', got {self.codebook_init!r}")
+        block_dim = self.patch_size**2
+        if self.encoder_type == "patch" and self.code_dim != block_dim * self.in_channels:
+            raise ValueError(f"a patch encoder needs code_dim = patch_size**2 * in_channels = "
+                             f"{block_dim * self.in_channels}, got {self.code_dim}")  # fmt: skip
+        if self.decoder_type == "patch" and self.code_dim != block_dim * self.out_channels:
+            raise ValueError(f"a patch decoder needs code_dim = patch_size**2 * out_channels = "
+                             f"{block_dim * self.out_channels}, got {self.code_dim}")  # fmt: skip
+        conv_factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.encoder_type != self.decoder_type and self.patch_size != conv_factor:
+            raise ValueError(f"a patch side and a conv side need patch_size = 2**(len(block_out_channels) - 1) = "
+                             f"{conv_factor}, got {self.patch_size}")  # fmt: skip
         trunk = conv.trunk_kwargs(self)
-        self.encoder = conv.Encoder(self.latent_channels, **trunk)
-        self.quant_conv = conv.make_conv(
-            self.code_dim, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="quant_conv"
-        )
+        make_conv = functools.partial(conv.make_conv, kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.encoder_type == "conv":
+            self.encoder = conv.Encoder(self.latent_channels, **trunk)
+            self.quant_conv = make_conv(self.code_dim, name="quant_conv")
         self.quantize = VectorQuantizer(
             self.codebook_size,
             self.code_dim,
@@ -227,22 +309,33 @@ class VQModel(nn.Module):
             ema_epsilon=self.ema_epsilon,
             l2_normalize=self.l2_normalize_codes,
             dead_code_threshold=self.dead_code_threshold,
+            restart_sampling=self.restart_sampling,
         )
-        self.post_quant_conv = conv.make_conv(
-            self.latent_channels, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="post_quant_conv"
-        )
-        self.decoder = conv.Decoder(self.out_channels, **trunk)
+        if self.decoder_type == "conv":
+            self.post_quant_conv = make_conv(self.latent_channels, name="post_quant_conv")
+            self.decoder = conv.Decoder(self.out_channels, **trunk)
 
     @property
     def downsample_factor(self) -> int:
+        if self.encoder_type == "patch":
+            return self.patch_size
         return 2 ** (len(self.block_out_channels) - 1)
 
     def encode_continuous(self, images: jax.Array) -> jax.Array:
         """Pre-quantization codes: images [B, H, W, 3] -> [B, h, w, code_dim]."""
+        if self.encoder_type == "patch":
+            batch, height, width, _ = images.shape
+            blocks = pack_latents(images.astype(jnp.float32), self.patch_size)  # [B, h*w, P*P*3]
+            return blocks.reshape(batch, height // self.patch_size, width // self.patch_size, self.code_dim)
         return self.quant_conv(self.encoder(images))
 
     def decode_codes(self, codes: jax.Array) -> jax.Array:
         """Code vectors [B, h, w, code_dim] -> images [B, H, W, 3] (in `dtype`)."""
+        if self.decoder_type == "patch":
+            batch, grid_h, grid_w, _ = codes.shape
+            height, width = grid_h * self.patch_size, grid_w * self.patch_size
+            tokens = codes.reshape(batch, grid_h * grid_w, self.code_dim)  # [B, h*w, P*P*3]
+            return unpack_latents(tokens, height, width, self.patch_size).astype(self.dtype)
         return self.decoder(self.post_quant_conv(codes))
 
     def encode(self, images: jax.Array) -> jax.Array:

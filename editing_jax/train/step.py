@@ -31,9 +31,12 @@ class TrainState:
 
 
 def create_state(variables: dict, optimizer: optax.GradientTransformation, use_ema: bool) -> TrainState:
-    """Builds a fresh state from init variables (boxed params are fine: annotations flow into opt state)."""
+    """Builds a fresh state from init variables (boxed params are fine: annotations flow into opt state).
+
+    A model without parameters (e.g. a patch VQ whose codebook is EMA state) trains with params = {}.
+    """
     variables = dict(variables)
-    params = variables.pop("params")
+    params = variables.pop("params", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
