@@ -1,5 +1,6 @@
 """EditMGT pieces: text tokenizer, MGT conditioning/attention bias, masked loss, and the jitted edit function."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,7 +235,7 @@ def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
     assert 0.0 <= float(plain_aux.metrics["changed_accuracy"]) <= 1.0
 
 
-@pytest.mark.parametrize("path", ["source_concat", "source_skip"])
+@pytest.mark.parametrize("path", ["source_concat", "source_skip", "source_copy"])
 def test_source_paths_are_gated_by_gamma(tiny_mgt, path):
     _, _, inputs, cond = tiny_mgt
     model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
@@ -270,3 +271,19 @@ def test_source_skip_reaches_the_head_at_full_token_resolution(tiny_mgt):
     without_skip = model.apply(variables, **inputs, cond_tokens=other, gamma=0.0)  # gated off with gamma
     np.testing.assert_array_equal(np.asarray(without_skip), np.asarray(model.apply(variables, **inputs, gamma=0.0,
                                                                                   cond_tokens=cond)))  # fmt: skip
+
+
+def test_source_copy_score_points_at_the_source_token(tiny_mgt):
+    _, _, inputs, cond = tiny_mgt
+    model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
+                                        embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4), source_copy=True)  # fmt: skip
+    variables = nn.meta.unbox(model.init(jax.random.key(0), **inputs, cond_tokens=cond))
+    base = model.apply(variables, **inputs, cond_tokens=cond, gamma=0.0)  # copy path off
+    params = dict(variables["params"])
+    params["copy_head"] = {**params["copy_head"], "bias": params["copy_head"]["bias"] + 3.0}
+    raised = model.apply({**variables, "params": params}, **inputs, cond_tokens=cond, gamma=1.0)
+    delta = np.asarray(raised - base)  # [B, h, w, V]: only the source token's logit moves
+    is_source = np.asarray(jax.nn.one_hot(cond, 16, dtype=bool))
+    copy_score = np.asarray(model.apply(variables, **inputs, cond_tokens=cond, gamma=1.0) - base)[is_source] + 3.0
+    np.testing.assert_allclose(delta[is_source], copy_score, atol=1e-5)
+    np.testing.assert_allclose(delta[~is_source], 0.0, atol=1e-5)

@@ -176,3 +176,21 @@ def test_sample_categorical_matches_the_tempered_softmax():
     np.testing.assert_allclose(np.bincount(np.asarray(draws), minlength=4) / 20000, tempered, atol=0.015)
     greedy = sample_categorical(jax.random.key(2), jnp.broadcast_to(logits, (5, 4)), jnp.float32(0.0))
     assert np.all(np.asarray(greedy) == 3)
+
+
+def test_token_temperature_is_separate_from_the_remasking_temperature():
+    def fixed_logits(tokens, step):
+        del step
+        return jnp.broadcast_to(_table(0)[None], (*tokens.shape, V)), None
+
+    def decode(token_temperature, temperature):
+        kwargs = dict(num_steps=STEPS, mask_token_id=MASK_ID, rng=RNG, temperature=temperature)
+        return np.asarray(maskgit.decode(fixed_logits, SOURCE, token_temperature=token_temperature, **kwargs)[0])
+
+    argmax = np.broadcast_to(np.asarray(jnp.argmax(_table(0), axis=-1)), (B, L))
+    # Greedy token draws: every token is its argmax however hot the re-masking noise is.
+    np.testing.assert_array_equal(decode(0.0, 50.0), argmax)
+    # Annealed draws (None) follow the re-masking temperature: hot early steps draw non-argmax tokens.
+    assert (decode(None, 50.0) != argmax).mean() > 0.3
+    # The reference default (1.0) draws from the softmax itself: mostly, not always, the argmax of a peaked table.
+    assert 0.0 < (decode(1.0, 50.0) != argmax).mean() < (decode(None, 50.0) != argmax).mean()

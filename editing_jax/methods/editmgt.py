@@ -47,7 +47,8 @@ class SamplingSettings:
 
     num_steps: int = 12
     guidance_scale: float = 0.0
-    temperature: float = 2.0
+    temperature: float = 2.0  # re-masking (confidence) noise, annealed to 0
+    token_temperature: float = 1.0  # token draws; < 0 anneals them with `temperature` (our sampler before 2026-11)
     gamma: float = 1.0
     region_hold_threshold: float = 0.0
     attention_layers: tuple[int, int] = (0, 4)  # [start, stop) global block indices averaged
@@ -271,6 +272,7 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             mask_token_id=model.mgt.mask_token_id,
             rng=rng,
             temperature=settings.temperature,
+            token_temperature=None if settings.token_temperature < 0 else settings.token_temperature,
             guidance_scale=settings.guidance_scale,
             region_hold_threshold=lam,
         )

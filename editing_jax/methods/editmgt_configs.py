@@ -57,6 +57,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "qk_norm_scale_init": 3.0,
             "source_concat": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_concat
             "source_skip": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_skip
+            "source_copy": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_copy
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",
@@ -70,6 +71,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "num_steps": 4 if tiny else 12,
             "guidance_scale": 0.0,
             "temperature": 2.0,
+            "token_temperature": 1.0,
             "gamma": 1.0,
             "region_hold_threshold": 0.3,
             "attention_layers": (0, 2 if tiny else 4),

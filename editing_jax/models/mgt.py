@@ -75,6 +75,10 @@ class MaskedGenerativeTransformer(nn.Module):
         head, at full token resolution (after the 2x upsampling), scaled like `source_concat`. Not in EditMGT: with
         `downsample` every token must otherwise be rebuilt from a 2x2-merged representation, which caps how exactly
         a from-scratch model copies unchanged tokens (89 % after 1,200 quickstart steps, docs/RESULTS.md).
+      source_copy: add a learned per-position copy score to the logit of the condition token at the same grid
+        position (a pointer/copy mechanism, scaled like `source_concat`). Not in EditMGT: editing keeps most tokens,
+        and a scalar "keep this token" decision is far easier to learn from scratch than re-encoding a token's
+        identity through the trunk and the MLM head.
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -94,6 +98,7 @@ class MaskedGenerativeTransformer(nn.Module):
     qk_norm_scale_init: float = 1.0
     source_concat: bool = False
     source_skip: bool = False
+    source_copy: bool = False
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -138,6 +143,8 @@ class MaskedGenerativeTransformer(nn.Module):
         if self.source_concat:
             self.source_proj = Dense(width, (None, "embed"), use_bias=False, kernel_init=nn.initializers.zeros_init(),
                                      **kwargs)  # fmt: skip
+        if self.source_copy:
+            self.copy_head = Dense(1, ("embed", None), **kwargs)
         if self.source_skip:
             self.source_skip_proj = Dense(width, (None, "embed"), use_bias=False,
                                           kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
@@ -189,8 +196,8 @@ class MaskedGenerativeTransformer(nn.Module):
         context = self.encoder_proj_layer_norm(self.context_embedder(text_hidden))  # [B, Lt, D]
 
         extra = skip = None
+        strength = 1.0 if gamma is None else jnp.minimum(jnp.asarray(gamma, jnp.float32), 1.0)
         if cond_tokens is not None and (self.source_concat or self.source_skip):
-            strength = 1.0 if gamma is None else jnp.minimum(jnp.asarray(gamma, jnp.float32), 1.0)
             cond_embedding = self.embed(cond_tokens)  # [B, h, w, D]
             if self.source_concat:
                 extra = strength * self.source_proj(cond_embedding)
@@ -235,7 +242,12 @@ class MaskedGenerativeTransformer(nn.Module):
             hidden = self.up_block(hidden)  # [B, h, w, D]
         if skip is not None:
             hidden = hidden + skip
-        return self.mlm_layer(hidden)  # [B, h, w, V]
+        logits = self.mlm_layer(hidden)  # [B, h, w, V]
+        if self.source_copy and cond_tokens is not None:
+            copy_score = self.copy_head(hidden).astype(logits.dtype)  # [B, h, w, 1]
+            is_source = jax.nn.one_hot(cond_tokens, self.codebook_size, dtype=logits.dtype)  # [B, h, w, V]
+            logits = logits + strength * copy_score * is_source
+        return logits
 
     @property
     def num_blocks(self) -> int:

@@ -80,6 +80,7 @@ def decode(
     mask_token_id: int,
     rng: jax.Array,
     temperature: float | jax.Array = 2.0,
+    token_temperature: float | jax.Array | None = 1.0,
     guidance_scale: float | jax.Array = 0.0,
     region_hold_threshold: float | jax.Array = 0.0,
     attention_fn: AttentionFn | None = None,
@@ -94,7 +95,10 @@ def decode(
         num_steps: number of decoding steps S (static).
         mask_token_id: id written at unknown positions of the tokens passed to `logits_fn`.
         rng: PRNG key.
-        temperature: initial temperature t0; step s uses t0 * (1 - (s + 1) / S) for sampling and confidence noise.
+        temperature: initial temperature t0 of the re-masking noise: step s scales the Gumbel noise added to the
+            confidences by t0 * (1 - (s + 1) / S) (the reference schedule, linear from t0 to 0).
+        token_temperature: softmax temperature of the token draws (1 as the reference: plain categorical samples;
+            0 = argmax); None anneals it with the re-masking temperature instead.
         guidance_scale: CFG scale g; logits = uncond + g * (cond - uncond). 0 disables CFG (cond logits only).
         region_hold_threshold: lambda; newly sampled tokens with score < lambda revert to the source. 0 (scores are
             >= 0) reproduces the plain sampler bit for bit. May be traced.
@@ -128,7 +132,8 @@ def decode(
 
         rng, sample_rng, confidence_rng = jax.random.split(state.rng, 3)
         temp = t0 * (1.0 - (step + 1).astype(jnp.float32) / num_steps)  # []
-        sampled = sample_categorical(sample_rng, logits, temp)  # [B, L]
+        token_temp = temp if token_temperature is None else jnp.asarray(token_temperature, jnp.float32)
+        sampled = sample_categorical(sample_rng, logits, token_temp)  # [B, L]
         sampled = jnp.where(state.unknown, sampled, state.tokens)
 
         if has_attention:
