@@ -45,10 +45,17 @@ def _editmgt(config) -> Objective:
     return editmgt.build_objective(config)
 
 
+def _flow_edit(config) -> Objective:
+    from editing_jax.methods import flow_edit
+
+    return flow_edit.build_objective(config)
+
+
 METHODS: dict[str, Callable[..., Objective]] = {
     "tokenizer_vq": _tokenizer_vq,
     "tokenizer_kl": _tokenizer_kl,
     "editmgt": _editmgt,
+    "flow_edit": _flow_edit,
 }
 
 

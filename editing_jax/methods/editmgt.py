@@ -113,18 +113,7 @@ class EditMGT:
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Host-side: tokenizes the stage's text ('instruction' for edit, 'target_caption' for t2i)."""
-        batch = dict(batch)
-        if self.stage == "edit":
-            texts = [str(t) for t in batch["instruction"]]
-            spans = np.asarray(batch["keyword_span"]) if "keyword_span" in batch else None
-        else:
-            texts = [str(t) for t in batch["target_caption"]]
-            spans = None
-        encoded = self.text_tokenizer.encode(texts, spans)
-        batch["text_ids"] = encoded["ids"]
-        batch["text_mask"] = encoded["mask"]
-        batch["keyword_mask"] = encoded["span_mask"]
-        return batch
+        return tokenize_text(self.text_tokenizer, batch, self.stage)
 
     def logits(
         self,
@@ -146,6 +135,23 @@ class EditMGT:
             return self.mgt.apply(variables, *args, **kwargs), None
         logits, sown = self.mgt.apply(variables, *args, **kwargs, mutable=["intermediates"])
         return logits, captured_attention(self.mgt, sown["intermediates"], capture_layers)
+
+
+def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Batch:
+    """Adds 'text_ids', 'text_mask' and 'keyword_mask' [B, Lt] to a host batch: the 'instruction' (with its
+    'keyword_span' when present) for stage 'edit', the 'target_caption' for 't2i'."""
+    batch = dict(batch)
+    if stage == "edit":
+        texts = [str(t) for t in batch["instruction"]]
+        spans = np.asarray(batch["keyword_span"]) if "keyword_span" in batch else None
+    else:
+        texts = [str(t) for t in batch["target_caption"]]
+        spans = None
+    encoded = text_tokenizer.encode(texts, spans)
+    batch["text_ids"] = encoded["ids"]
+    batch["text_mask"] = encoded["mask"]
+    batch["keyword_mask"] = encoded["span_mask"]
+    return batch
 
 
 def _mask_tokens(rng: jax.Array, tokens: jax.Array, mask_token_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -409,7 +415,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
         )["params"]
         params = {"mgt": mgt_params, "text_encoder": text_params}
         if init_params is not None:
-            params = _replace_params(params, init_params)
+            params = replace_params(params, init_params)
         return {"params": params, "tokenizer": frozen_tokenizer}
 
     def visualize(params, model_state, batch):
@@ -447,7 +453,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     )
 
 
-def _replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
+def replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
     """Takes `loaded` leaves wherever the tree paths and shapes match `fresh`; errors on a shape mismatch."""
     flat_loaded = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
 
@@ -499,16 +505,27 @@ def build_model(config) -> EditMGT:
 
 
 def resolve_config(config) -> None:
-    """Fills `tokenizer.model_json` (from the tokenizer run) and `text.vocab` (from the world) when empty."""
+    """Fills `tokenizer.model_json` (from the VQ run) and `text.vocab` (from the world) when empty."""
+    resolve_tokenizer_and_vocab(config, expected_method="tokenizer_vq")
+
+
+TOKENIZER_CONFIGS = {"tokenizer_vq": "configs/tokenizer/vq.py", "tokenizer_kl": "configs/tokenizer/kl.py"}
+
+
+def resolve_tokenizer_and_vocab(config, *, expected_method: str) -> None:
+    """Fills `tokenizer.model_json` from the frozen tokenizer run at `tokenizer.checkpoint` (which must be an
+    `expected_method` run at the config's image size) and `text.vocab` from the world's grammar, when empty."""
     from editing_jax.text.tokenizer import world_vocabulary
     from editing_jax.train import checkpoint
 
     if not config.tokenizer.model_json:
         if not config.tokenizer.checkpoint:
-            raise ValueError("set tokenizer.checkpoint to a trained VQ run (editing-jax train configs/tokenizer/vq.py)")
+            raise ValueError(f"set tokenizer.checkpoint to a trained {expected_method} run "
+                             f"(editing-jax train --config {TOKENIZER_CONFIGS[expected_method]})")  # fmt: skip
         trained = checkpoint.load_trained(config.tokenizer.checkpoint)
-        if trained.config.method != "tokenizer_vq":
-            raise ValueError(f"tokenizer.checkpoint {config.tokenizer.checkpoint} is a {trained.config.method} run")
+        if trained.config.method != expected_method:
+            raise ValueError(f"tokenizer.checkpoint {config.tokenizer.checkpoint} is a {trained.config.method} run, "
+                             f"expected {expected_method}")  # fmt: skip
         if int(trained.config.data.size) != int(config.data.size):
             raise ValueError(
                 f"the tokenizer was trained at {trained.config.data.size} px but data.size is {config.data.size}"
