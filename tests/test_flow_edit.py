@@ -168,3 +168,15 @@ def test_sft_trains_end_to_end_from_the_cli(tmp_path, capsys):
     assert summary["steps"] == 2 and 0.0 <= summary["eval"]["eval/verifier_success"] <= 1.0
     saved = json.loads((sft_dir / "config.json").read_text())
     assert saved["method"] == "flow_edit" and json.loads(saved["tokenizer"]["model_json"])["latent_channels"] == 4
+    # GRPO / Dense GRPO on top of that SFT run: LoRA-only params, an on-policy ratio of 1, a world reward.
+    for name in ("grpo", "dense_grpo"):
+        config = f"configs/cogniedit/{name}.py:tiny"
+        code = cli.main(["--quiet", "train", "--config", config, "--workdir", str(tmp_path / name),
+                         f"--config.init_from={sft_dir}", *short])  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        metrics = summary["final_metrics"]
+        assert summary["compile"]["num_params"] < 10_000  # adapters only (the tiny DiT has ~60 k params)
+        assert 0.0 <= metrics["reward"] <= 15.0 and metrics["log_ratio_abs"] < 1e-3
+        assert 0.0 <= summary["eval"]["eval/verifier_success"] <= 1.0

@@ -51,11 +51,18 @@ def _flow_edit(config) -> Objective:
     return flow_edit.build_objective(config)
 
 
+def _flow_grpo(config) -> Objective:
+    from editing_jax.methods import grpo
+
+    return grpo.build_objective(config)
+
+
 METHODS: dict[str, Callable[..., Objective]] = {
     "tokenizer_vq": _tokenizer_vq,
     "tokenizer_kl": _tokenizer_kl,
     "editmgt": _editmgt,
     "flow_edit": _flow_edit,
+    "flow_grpo": _flow_grpo,
 }
 
 

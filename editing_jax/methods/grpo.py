@@ -1,0 +1,335 @@
+"""Flow-GRPO and CogniEdit's Dense GRPO on the flow editor, as one trainer objective (LoRA on a frozen SFT base).
+
+Each train step is on-policy and self-contained:
+  1. Rollout (no gradient): the batch's B inputs are repeated G times; every sample integrates the ODE from noise
+     except an SDE window of k consecutive steps [r, r + k) starting at a random r (one r per step, shared by the
+     batch), recording the window's states, noises and Gaussian log-probs (`sampling.flow`).
+  2. Reward: the decoded edits are scored on the host by `rewards.world.WorldReward` (alignment + coherence +
+     consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays.
+  3. Advantages over the whole batch: A = clip((R - mean) / (std + eps), -c, c) with mean and std over all B x G
+     rewards (CogniEdit's batch-level statistics, vs Flow-GRPO's per-prompt groups: `advantage='group'`).
+  4. Policy loss on the window, averaged over the B x G samples:
+     * 'grpo' (Flow-GRPO): teacher-forced per-step ratios rho_i = p_theta(x_{i+1} | x_i) / p_old(...) with the PPO
+       clip, loss = mean_i max(-A rho_i, -A clip(rho_i, 1 - eps, 1 + eps));
+     * 'dense_grpo' (CogniEdit eqs. 7-9, Algorithm 1): the window is re-simulated from the stored x_r with the stored
+       noises, x~_{i+1} = mu_theta(x~_i) + std_i * noise_i, where the velocity sees sg(x~_i) but mu is linear in x~_i,
+       so each step's log-prob also credits the earlier steps' updates. The log-ratio is summed over the k steps and
+       clipped to [-log(1 + eps), log(1 + eps)]: loss = max(-A rho, -A exp(clip(log rho))).
+     Both add beta * KL(p_theta || p_ref) per step, 0.5 * mean((mu_theta - mu_ref)^2) / std^2, with the reference
+     policy = the SFT base (LoRA zeroed), evaluated at the same states.
+  On-policy the ratio is exactly 1, so clipping only matters in the gradient's sign-consistent region; step (1)
+  completes to x_0 without gradient before the reward, as in Algorithm 1. Each window step's velocity is wrapped in
+  `jax.checkpoint` (`grpo.remat`), so memory grows with k by one latent per step rather than one activation set
+  (benchmarks/dense_grpo_memory.py).
+
+Trainable params are only the LoRA adapters ({'lora': ...}); the SFT base DiT, the text encoder and the frozen
+autoencoder ride in the model state, so AdamW's weight decay never touches the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editing_jax.methods import editmgt, flow_edit
+from editing_jax.models.flow_dit import LORA_LEAVES
+from editing_jax.sampling import flow
+from editing_jax.train.objective import Batch, LossAux, Objective
+
+PyTree = Any
+ALGORITHMS = ("grpo", "dense_grpo")
+ADVANTAGES = ("batch", "group")
+SCENE_BYTES = 4096  # Padded UTF-8 length of a scene-graph JSON in a device batch.
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """Hyper-parameters of the RL objective (CogniEdit defaults: k = 5, clip 1e-4 in their code, beta 0.01)."""
+
+    algorithm: str = "dense_grpo"
+    group_size: int = 4
+    window: int = 5
+    num_steps: int = 10
+    shift: float = 1.0
+    noise_level: float = 0.7
+    clip_range: float = 0.2
+    advantage: str = "batch"
+    advantage_clip: float = 5.0
+    kl_beta: float = 0.01
+    remat: bool = True
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if not 1 <= self.window <= self.num_steps:
+            raise ValueError(f"window must be in [1, num_steps={self.num_steps}], got {self.window}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples), got {self.group_size}")
+
+
+# ---- advantages and surrogate losses (pure, tested against NumPy) ----------------------------------------------
+
+
+def compute_advantages(rewards: jax.Array, mode: str = "batch", clip: float = 5.0, eps: float = 1e-6) -> jax.Array:
+    """rewards `[B, G]` -> advantages `[B, G]`: standardized over all B x G ('batch') or per row ('group')."""
+    axes = None if mode == "batch" else -1
+    if mode not in ADVANTAGES:
+        raise ValueError(f"advantage must be one of {ADVANTAGES}, got {mode!r}")
+    mean = jnp.mean(rewards, axis=axes, keepdims=True)
+    std = jnp.std(rewards, axis=axes, keepdims=True)
+    return jnp.clip((rewards - mean) / (std + eps), -clip, clip)
+
+
+def ppo_surrogate(log_ratio: jax.Array, advantages: jax.Array, clip_range: float) -> jax.Array:
+    """Per-element PPO loss max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(log_ratio)."""
+    ratio = jnp.exp(log_ratio)
+    return jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range))
+
+
+def dense_surrogate(log_ratio_sum: jax.Array, advantages: jax.Array, clip_range: float) -> jax.Array:
+    """Dense GRPO's loss for a window's summed log-ratio, clipped in log space to [-log(1+eps), log(1+eps)]."""
+    bound = jnp.log1p(clip_range)
+    ratio, clipped = jnp.exp(log_ratio_sum), jnp.exp(jnp.clip(log_ratio_sum, -bound, bound))
+    return jnp.maximum(-advantages * ratio, -advantages * clipped)
+
+
+# ---- the window recomputation ----------------------------------------------------------------------------------
+
+
+def window_log_probs(velocity_fn, ref_velocity_fn, x_start: jax.Array, stored: jax.Array, noises: jax.Array,
+                     times: jax.Array, noise_level: float, *, dense: bool, remat: bool = True):  # fmt: skip
+    """Log-probs and KL of a window's stored transitions under the current policy.
+
+    Args:
+      velocity_fn / ref_velocity_fn: `(x [N, ...], t []) -> v` of the policy / the reference policy.
+      x_start: `[N, ...]` stored state at the window's first time.
+      stored: `[k, N, ...]` stored states after each window step.
+      noises: `[k, N, ...]` the standard-normal noises that produced them.
+      times: `[k + 1]` the window's times.
+      noise_level: Flow-GRPO's a.
+      dense: re-simulate the states from x_start with the stored noises (gradient through the trajectory); else
+        teacher-force the stored states (Flow-GRPO).
+      remat: rematerialize each step's velocity in the backward pass.
+
+    Returns:
+      (log_probs `[k, N]`, kl `[k, N]`).
+    """
+
+    def step(x, inputs):
+        target, noise, t, t_next = inputs
+        frozen_x = jax.lax.stop_gradient(x)
+        v = velocity_fn(frozen_x, t)
+        v_ref = jax.lax.stop_gradient(ref_velocity_fn(frozen_x, t))
+        _, log_prob, mean, std = flow.sde_step(x, v, t, t_next, noise_level=noise_level, prev_sample=target)
+        _, _, ref_mean, _ = flow.sde_step(x, v_ref, t, t_next, noise_level=noise_level, prev_sample=target)
+        kl = 0.5 * jnp.mean(jnp.square(mean - ref_mean), axis=tuple(range(1, x.ndim))) / jnp.square(std)  # [N]
+        x_next = mean + std * noise if dense else jax.lax.stop_gradient(target)
+        return x_next, (log_prob, kl)
+
+    if remat:
+        step = jax.checkpoint(step)
+    _, (log_probs, kl) = jax.lax.scan(step, x_start.astype(jnp.float32), (stored, noises, times[:-1], times[1:]))
+    return log_probs, kl
+
+
+# ---- LoRA split ------------------------------------------------------------------------------------------------
+
+
+def split_lora(params: Mapping) -> tuple[dict, dict]:
+    """(adapters only, base only) nested dicts of a LoRA model's params; `join_lora` inverts it."""
+    lora, base = {}, {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            sub_lora, sub_base = split_lora(value)
+            if sub_lora:
+                lora[key] = sub_lora
+            if sub_base:
+                base[key] = sub_base
+        elif key in LORA_LEAVES:
+            lora[key] = value
+        else:
+            base[key] = value
+    return lora, base
+
+
+def join_lora(base: Mapping, lora: Mapping) -> dict:
+    out = dict(base)
+    for key, value in lora.items():
+        out[key] = join_lora(base.get(key, {}), value) if isinstance(value, Mapping) else value
+    return out
+
+
+def zero_adapters(lora: Mapping) -> dict:
+    """The adapters with every lora_b zeroed: the LoRA model then computes the base model exactly."""
+    return {k: zero_adapters(v) if isinstance(v, Mapping) else (jnp.zeros_like(v) if k == "lora_b" else v)
+            for k, v in lora.items()}  # fmt: skip
+
+
+# ---- scenes as bytes and the host reward -----------------------------------------------------------------------
+
+
+def encode_strings(strings, length: int = SCENE_BYTES) -> np.ndarray:
+    """Strings -> zero-padded UTF-8 bytes `[B, length]` uint8 (so they can enter a jitted step)."""
+    out = np.zeros((len(strings), length), np.uint8)
+    for i, text in enumerate(strings):
+        data = str(text).encode("utf-8")
+        if len(data) > length:
+            raise ValueError(f"string {i} has {len(data)} bytes, more than {length}")
+        out[i, : len(data)] = np.frombuffer(data, np.uint8)
+    return out
+
+
+def decode_strings(data: np.ndarray) -> list[str]:
+    return [bytes(row[row != 0]).decode("utf-8") for row in np.asarray(data)]
+
+
+def host_world_reward(source, edited, source_scene, target_scene, edit_mask) -> np.ndarray:
+    """float32 `[N, 2]`: (reward in [0, 15], verifier success) of uint8 edits, via `WorldReward` on the host."""
+    from editing_jax.rewards.world import WorldReward
+
+    infos = [
+        {"source_scene": s, "target_scene": t, "edit_mask": np.asarray(m)}
+        for s, t, m in zip(decode_strings(source_scene), decode_strings(target_scene), edit_mask, strict=True)
+    ]
+    out = WorldReward()(np.asarray(source), np.asarray(edited), [""] * len(infos), infos)
+    return np.stack([out["reward"], out["success"]], axis=-1).astype(np.float32)
+
+
+# ---- the objective ---------------------------------------------------------------------------------------------
+
+
+def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=host_world_reward):
+    """`(params={'lora'}, model_state, batch, rng) -> (loss, LossAux)`; see the module docstring."""
+    schedule = flow.timesteps(settings.num_steps, settings.shift)  # [S + 1]
+    group, k = settings.group_size, settings.window
+
+    def loss(params, model_state, batch, rng):
+        base, text_params = model_state["base_dit"], model_state["text_encoder"]
+        policy = {"dit": join_lora(base, params["lora"]), "text_encoder": text_params}
+        reference = {"dit": join_lora(base, zero_adapters(params["lora"])), "text_encoder": text_params}
+        repeat = lambda x: jnp.repeat(x, group, axis=0)  # noqa: E731  [B, ...] -> [B * G, ...]
+        source = repeat(batch["source_image"])
+        cond = model.encode(model_state, source)  # [N, L, C]
+        text = jax.lax.stop_gradient(model.encode_text(policy, repeat(batch["text_ids"]), repeat(batch["text_mask"])))
+        count = cond.shape[0]
+
+        def velocity(p):
+            return lambda x, t: model.velocity(p, x, jnp.full((count,), t), text, cond)
+
+        start_rng, noise_rng, sde_rng = jax.random.split(rng, 3)
+        start = jax.random.randint(start_rng, (), 0, settings.num_steps - k + 1)
+        frozen_policy = jax.lax.stop_gradient(policy)
+        x_T = jax.random.normal(noise_rng, cond.shape, jnp.float32)
+        mask = flow.sde_window_mask(settings.num_steps, start, k)
+        x_0, trajectory, old_log_probs = flow.sample(velocity(frozen_policy), x_T, timesteps=schedule, rng=sde_rng,
+                                                     noise_level=settings.noise_level, sde_steps_mask=mask)  # fmt: skip
+        edited = model.decode(model_state, x_0)  # [N, S, S, 3] uint8
+        shape = jax.ShapeDtypeStruct((count, 2), jnp.float32)
+        scores = jax.pure_callback(reward_fn, shape, source, edited, repeat(batch["source_scene_bytes"]),
+                                   repeat(batch["target_scene_bytes"]), repeat(batch["edit_mask"]))  # fmt: skip
+        rewards = jax.lax.stop_gradient(scores[:, 0])  # [N]
+        advantages = compute_advantages(rewards.reshape(-1, group), settings.advantage, settings.advantage_clip)
+        advantages = advantages.reshape(-1)  # [N]
+
+        stored = jax.lax.dynamic_slice_in_dim(trajectory, start + 1, k, axis=0)  # [k, N, L, C]
+        keys = jax.random.split(sde_rng, settings.num_steps)
+        noises = jax.vmap(lambda key: jax.random.normal(key, cond.shape, jnp.float32))(
+            jax.lax.dynamic_slice_in_dim(keys, start, k, axis=0))  # fmt: skip
+        times = jax.lax.dynamic_slice_in_dim(schedule, start, k + 1)  # [k + 1]
+        old = jax.lax.stop_gradient(jax.lax.dynamic_slice_in_dim(old_log_probs, start, k, axis=0))  # [k, N]
+        new, kl = window_log_probs(velocity(policy), velocity(reference), trajectory[start], stored, noises, times,
+                                   settings.noise_level, dense=settings.algorithm == "dense_grpo",
+                                   remat=settings.remat)  # fmt: skip
+        log_ratio = new - old  # [k, N]
+        if settings.algorithm == "dense_grpo":
+            policy_loss = jnp.mean(dense_surrogate(jnp.sum(log_ratio, axis=0), advantages, settings.clip_range))
+        else:
+            policy_loss = jnp.mean(ppo_surrogate(log_ratio, advantages[None], settings.clip_range))
+        kl_loss = jnp.mean(kl)
+        total = policy_loss + settings.kl_beta * kl_loss
+        metrics = {
+            "loss": total,
+            "policy_loss": policy_loss,
+            "kl": kl_loss,
+            "reward": jnp.mean(rewards),
+            "reward_std": jnp.std(rewards),
+            "success": jnp.mean(scores[:, 1]),
+            "log_ratio_abs": jnp.mean(jnp.abs(log_ratio)),
+            "window_start": start.astype(jnp.float32),
+        }
+        return total, LossAux(metrics=metrics, model_state=model_state)
+
+    return loss
+
+
+def prepare_batch(model: flow_edit.FlowEditor, batch: Batch) -> Batch:
+    """Host-side: tokenized instruction plus the scene graphs as byte arrays for the in-graph reward."""
+    batch = model.prepare_batch(batch)
+    batch["source_scene_bytes"] = encode_strings(batch["source_scene"])
+    batch["target_scene_bytes"] = encode_strings(batch["target_scene"])
+    return batch
+
+
+def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: PyTree, settings: GRPOSettings,
+                   eval_settings: flow_edit.FlowSettings, reward_fn=host_world_reward) -> Objective:  # fmt: skip
+    """GRPO objective on top of an SFT run's params/state (`model.dit` must have `lora_rank > 0`)."""
+    if model.dit.lora_rank <= 0:
+        raise ValueError("GRPO trains LoRA adapters: set model.lora_rank > 0")
+    edit_fn = flow_edit.make_edit_fn(model, eval_settings)
+
+    def full_params(params, model_state):
+        return {"dit": join_lora(model_state["base_dit"], params["lora"]), "text_encoder": model_state["text_encoder"]}
+
+    def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
+        fresh = flow_edit.make_objective(model, sft_state["tokenizer"], cfg_dropout=0.0, timestep_sampling="uniform",
+                                         settings=eval_settings).init(rng, batch)  # fmt: skip
+        dit = editmgt.replace_params(
+            nn.meta.unbox(fresh["params"]["dit"]), sft_params["dit"]
+        )  # base from SFT; adapters fresh (lora_b = 0)
+        lora, base = split_lora(dit)
+        return {"params": {"lora": lora}, "base_dit": base, "text_encoder": sft_params["text_encoder"],
+                "tokenizer": sft_state["tokenizer"], "latent_stats": sft_state["latent_stats"]}  # fmt: skip
+
+    def visualize(params, model_state, batch):
+        batch = {k: v[: flow_edit.MAX_VISUALIZED_ROWS] for k, v in batch.items()}
+        outputs = editmgt.run_edits(edit_fn, full_params(params, model_state), model_state, batch, eval_settings)
+        rows = [[np.asarray(batch[key][i], np.float32) / 255.0 for key in ("source_image", "target_image")]
+                + [outputs["images"][i].astype(np.float32) / 255.0] for i in range(len(outputs["images"]))]  # fmt: skip
+        return rows, ["source", "target", "output"]
+
+    def evaluate(params, model_state, batches):
+        result = editmgt.evaluate_batches(edit_fn, full_params(params, model_state), model_state, batches,
+                                          eval_settings, thresholds={"plain": 0.0})["plain"]  # fmt: skip
+        return {"verifier_success": result["verifier_success"], "preservation_l1": result["preservation_l1"]}
+
+    return Objective(name=settings.algorithm, init=init, loss=make_loss(model, settings, reward_fn),
+                     visualize=visualize, evaluate=evaluate, prepare_batch=lambda b: prepare_batch(model, b))  # fmt: skip
+
+
+def build_objective(config) -> Objective:
+    """From `configs/cogniedit/grpo.py`: the SFT run at `config.init_from` provides the base, tokenizer and text."""
+    from editing_jax.train import checkpoint
+
+    if not config.init_from:
+        raise ValueError("set init_from to a trained flow_edit SFT run (configs/cogniedit/sft.py)")
+    sft = checkpoint.load_trained(config.init_from)
+    if sft.config.method != "flow_edit":
+        raise ValueError(f"init_from {config.init_from} is a {sft.config.method} run, expected flow_edit")
+    with config.unlocked():  # The model must be the SFT run's; only the LoRA fields come from this config.
+        for section in ("tokenizer", "text", "patch_size"):
+            config[section] = sft.config[section]
+        for key, value in sft.config.model.items():
+            if key not in ("lora_rank", "lora_alpha", "lora_targets"):
+                config.model[key] = value
+    model = flow_edit.build_model(config)
+    settings = GRPOSettings(**{k: v for k, v in config.grpo.items()})
+    eval_settings = flow_edit.FlowSettings.from_config(config.sampling)
+    return make_objective(model, sft.inference_params, sft.model_state, settings, eval_settings)

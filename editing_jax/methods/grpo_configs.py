@@ -1,0 +1,52 @@
+"""Config builder shared by `configs/cogniedit/grpo.py` and `configs/cogniedit/dense_grpo.py`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from editing_jax import config_lib
+from editing_jax.train import defaults
+
+
+def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
+    """GRPO config for `algorithm` ('grpo' or 'dense_grpo') with the variant `tiny`."""
+    args = config_lib.parse_config_arg(arg, allowed=("tiny",))
+    tiny = bool(args.get("tiny", False))
+    config = ml_collections.ConfigDict()
+    config.method = "flow_grpo"
+    config.seed = 0
+    config.init_from = ""  # The flow_edit SFT run: base DiT, text encoder, autoencoder and latent statistics.
+    # Copied from the SFT run when training starts (they must match its weights).
+    config.patch_size = 2
+    config.tokenizer = ml_collections.ConfigDict({"checkpoint": "", "model_json": ""})
+    config.text = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict({"lora_rank": 4, "lora_alpha": 4.0})  # CogniEdit: rank 4, alpha 4
+    config.grpo = ml_collections.ConfigDict(
+        {
+            "algorithm": algorithm,
+            "group_size": 4,
+            "window": 2 if tiny else 5,  # k consecutive SDE steps (CogniEdit: 5)
+            "num_steps": 4 if tiny else 10,
+            "shift": 1.0,
+            "noise_level": 0.7,
+            "clip_range": 0.2,
+            "advantage": "batch",
+            "advantage_clip": 5.0,
+            "kl_beta": 0.01,
+            "remat": True,
+        }
+    )
+    config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
+    config.data = defaults.world_data_config(32, batch_size=2 if tiny else 8, num_eval_examples=8 if tiny else 128)
+    config.optimizer = defaults.optimizer_config(learning_rate=1e-4, warmup_steps=2 if tiny else 20,
+                                                 weight_decay=0.0)  # fmt: skip
+    config.train = defaults.train_config(
+        num_steps=4 if tiny else 300,
+        log_every=2 if tiny else 10,
+        checkpoint_every=4 if tiny else 100,
+        sample_every=4 if tiny else 100,
+        eval_every=0,
+    )
+    config.mesh = defaults.mesh_config()
+    config.logical_axis_rules = defaults.logical_axis_rules()
+    return config

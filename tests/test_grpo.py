@@ -1,0 +1,116 @@
+"""Tests for Flow-GRPO / Dense GRPO: advantages, surrogates, the window recomputation, LoRA split, scene bytes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from editing_jax.methods import grpo
+from editing_jax.sampling import flow
+
+NUM_STEPS, NOISE = 6, 0.7
+
+
+def test_batch_and_group_advantages_match_numpy():
+    rewards = np.array([[1.0, 2.0, 3.0], [10.0, 10.0, 16.0]], np.float32)
+    batch = np.asarray(grpo.compute_advantages(jnp.asarray(rewards), "batch", clip=100.0, eps=0.0))
+    np.testing.assert_allclose(batch, (rewards - rewards.mean()) / rewards.std(), rtol=1e-5)
+    group = np.asarray(grpo.compute_advantages(jnp.asarray(rewards), "group", clip=100.0, eps=0.0))
+    expected = (rewards - rewards.mean(1, keepdims=True)) / rewards.std(1, keepdims=True)
+    np.testing.assert_allclose(group, expected, rtol=1e-5)
+    # Batch statistics keep the between-instance signal that per-group statistics remove.
+    assert batch[1].mean() > batch[0].mean() and abs(group[1].mean() - group[0].mean()) < 1e-5
+    assert np.abs(np.asarray(grpo.compute_advantages(jnp.asarray(rewards), "batch", clip=0.5))).max() <= 0.5
+
+
+@pytest.mark.parametrize("surrogate", ["ppo", "dense"])
+def test_surrogates_clip_the_gradient_only_beyond_the_trust_region(surrogate):
+    fn = grpo.ppo_surrogate if surrogate == "ppo" else grpo.dense_surrogate
+    eps = 0.2
+    grad = jax.grad(lambda lr, a: fn(lr, a, eps))
+    # On policy (log ratio 0) the loss is -A and the gradient -A (the REINFORCE direction).
+    assert float(fn(0.0, 2.0, eps)) == pytest.approx(-2.0)
+    assert float(grad(0.0, 2.0)) == pytest.approx(-2.0)
+    far = float(np.log(1.5))  # ratio 1.5 > 1 + eps
+    assert float(grad(far, 2.0)) == 0.0  # A > 0 and already above 1 + eps: no further push
+    assert float(grad(far, -2.0)) != 0.0  # A < 0: the pessimistic branch keeps the gradient
+    assert float(grad(-far, -2.0)) == 0.0
+
+
+def _toy_velocity(theta):
+    """v(x, t) = theta[0] * x + theta[1] * t: a two-parameter 'policy' with exact float64-friendly math."""
+    return lambda x, t: theta[0] * x + theta[1] * t
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    theta = jnp.array([0.3, -0.5])
+    x_T = jax.random.normal(jax.random.key(0), (3, 4, 2))
+    schedule = flow.timesteps(NUM_STEPS, 1.0)
+    start, k = 2, 3
+    mask = flow.sde_window_mask(NUM_STEPS, start, k)
+    rng = jax.random.key(1)
+    _, trajectory, log_probs = flow.sample(_toy_velocity(theta), x_T, timesteps=schedule, rng=rng,
+                                           noise_level=NOISE, sde_steps_mask=mask)  # fmt: skip
+    keys = jax.random.split(rng, NUM_STEPS)[start : start + k]
+    noises = jax.vmap(lambda key: jax.random.normal(key, x_T.shape))(keys)
+    window = (trajectory[start], trajectory[start + 1 : start + k + 1], noises, schedule[start : start + k + 1])
+    return theta, window, log_probs[start : start + k]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_on_policy_window_reproduces_the_rollout_log_probs(rollout, dense):
+    theta, window, old = rollout
+    velocity = _toy_velocity(theta)
+    new, kl = grpo.window_log_probs(velocity, velocity, *window, NOISE, dense=dense)
+    np.testing.assert_allclose(np.asarray(new), np.asarray(old), atol=1e-5)  # importance ratio 1
+    np.testing.assert_allclose(np.asarray(kl), 0.0, atol=1e-12)  # reference == policy
+
+
+def test_dense_gradient_credits_earlier_steps_and_remat_is_exact(rollout):
+    theta, window, _ = rollout
+    reference = _toy_velocity(jnp.array([0.0, 0.0]))
+
+    def total(theta, dense, remat=True, steps=None):
+        log_probs, kl = grpo.window_log_probs(_toy_velocity(theta), reference, *window, NOISE, dense=dense,
+                                              remat=remat)  # fmt: skip
+        return jnp.sum(log_probs[:steps]) + jnp.sum(kl[:steps])
+
+    teacher = jax.grad(total)(theta, False)
+    dense = jax.grad(total)(theta, True)
+    assert not np.allclose(np.asarray(teacher), np.asarray(dense), rtol=1e-3)  # trajectory gradient present
+    # The first step has no earlier step to credit: identical gradients.
+    np.testing.assert_allclose(jax.grad(total)(theta, False, steps=1), jax.grad(total)(theta, True, steps=1),
+                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(jax.grad(total)(theta, True, False), dense, rtol=1e-5)  # remat changes nothing
+
+
+def test_lora_split_join_and_zero_adapters():
+    params = {"block": {"attn": {"kernel": jnp.ones((2, 3)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 3))},
+                        "norm": {"scale": jnp.ones(3)}}}  # fmt: skip
+    lora, base = grpo.split_lora(params)
+    assert set(lora["block"]["attn"]) == {"lora_a", "lora_b"} and "norm" not in lora["block"]
+    assert "lora_a" not in base["block"]["attn"]
+    joined = grpo.join_lora(base, lora)
+    assert jax.tree.structure(joined) == jax.tree.structure(params)
+    zeroed = grpo.zero_adapters(lora)
+    np.testing.assert_array_equal(zeroed["block"]["attn"]["lora_b"], 0.0)
+    np.testing.assert_array_equal(zeroed["block"]["attn"]["lora_a"], 1.0)
+
+
+def test_scene_strings_round_trip_through_bytes():
+    scenes = ['{"objects": []}', "caf\u00e9 \u2192 tea"]
+    data = grpo.encode_strings(scenes, 64)
+    assert data.shape == (2, 64) and data.dtype == np.uint8
+    assert grpo.decode_strings(data) == scenes
+    with pytest.raises(ValueError, match="more than 4"):
+        grpo.encode_strings(["too long"], 4)
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="algorithm"):
+        grpo.GRPOSettings(algorithm="ppo")
+    with pytest.raises(ValueError, match="window"):
+        grpo.GRPOSettings(window=11, num_steps=10)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.GRPOSettings(group_size=1)
