@@ -5,7 +5,7 @@ Subcommands:
   data check      print the verifier self-check figures as one JSON line
   train           train a method from a config, resuming from the workdir
   verify          score an image against a target scene graph, as one JSON line
-  edit            edit one image with a trained EditMGT checkpoint
+  edit            edit one image with a trained editor (EditMGT or the flow editor)
   eval            verifier success per edit type and preservation L1 on a world split
   quickstart      world -> VQ -> EditMGT -> held-out evaluation, figures and metrics in one run
 """
@@ -215,17 +215,16 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise UserError(f"--out {out}: use an image extension (.png, .jpg, ...)")
     editor = inference.load_editor(args.checkpoint)
+    if args.save_attention and editor.is_flow:
+        raise UserError("--save_attention needs an EditMGT checkpoint (the flow editor has no attention maps)")
     image = inference.load_image_for(editor, args.image)
     settings = _settings(editor, args)
     batch = editor.prepare(image[None], [args.instruction], query=args.query)
     outputs = editor.run(batch, settings, seed=args.seed)
     image_io.write_image_atomic(out, outputs["images"][0])
-    report = {
-        "out": str(out),
-        "size": editor.image_size,
-        "steps": settings.num_steps,
-        "held_fraction": float(np.mean(outputs["held"][0])),
-    }
+    report = {"out": str(out), "size": editor.image_size, "steps": settings.num_steps}
+    if "held" in outputs:  # EditMGT's region hold
+        report["held_fraction"] = float(np.mean(outputs["held"][0]))
     if args.save_attention:
         attention = np.round(np.clip(outputs["attention"][0], 0.0, 1.0) * 255.0).astype(np.uint8)
         attention = np.repeat(np.repeat(attention, editor.image_size // attention.shape[0], 0), editor.image_size
@@ -319,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--edit_mask", default=None, help="edit mask image (white = edited), with --source")
     verify.set_defaults(handler=_cmd_verify)
 
-    edit = commands.add_parser("edit", help="edit one image with a trained EditMGT checkpoint")
-    edit.add_argument("--checkpoint", required=True, help="EditMGT run directory (or checkpoints/step dir)")
+    edit = commands.add_parser("edit", help="edit one image with a trained editor checkpoint")
+    edit.add_argument(
+        "--checkpoint", required=True, help="EditMGT or flow_edit run directory (or checkpoints/step dir)"
+    )
     edit.add_argument("--image", required=True, help="input image (center-cropped and resized to the model size)")
     edit.add_argument("--instruction", required=True, help="edit instruction")
     edit.add_argument("--out", required=True, help="output image path (written atomically)")
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.set_defaults(handler=_cmd_edit)
 
     evaluate = commands.add_parser("eval", help="verifier success per edit type on a world split")
-    evaluate.add_argument("--checkpoint", required=True, help="EditMGT run directory")
+    evaluate.add_argument("--checkpoint", required=True, help="EditMGT or flow_edit run directory")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--num", type=int, default=256, help="number of examples")
     evaluate.add_argument("--batch_size", type=int, default=64)

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 
 from editing_jax.data import image_io
-from editing_jax.methods import editmgt
+from editing_jax.methods import editmgt, flow_edit
 from editing_jax.train import checkpoint
+
+EDITOR_METHODS = ("editmgt", "flow_edit")
 
 
 class EditorError(ValueError):
@@ -19,9 +21,13 @@ class EditorError(ValueError):
 
 @dataclasses.dataclass
 class Editor:
-    """A trained EditMGT editor: modules, weights and its default sampling settings."""
+    """A trained editor (EditMGT, or the flow editor of `methods.flow_edit`): modules, weights, sampling settings.
 
-    model: editmgt.EditMGT
+    Both editors' compiled edit functions share one signature, so `run` and `evaluate_split` drive either; the flow
+    editor has no attention maps or region hold (its settings are `flow_edit.FlowSettings`).
+    """
+
+    model: editmgt.EditMGT | flow_edit.FlowEditor
     params: Any
     model_state: Any
     config: Any
@@ -32,14 +38,21 @@ class Editor:
     def image_size(self) -> int:
         return self.model.image_size
 
-    def settings(self, **overrides) -> editmgt.SamplingSettings:
-        return editmgt.SamplingSettings.from_config(self.config.sampling, **overrides)
+    @property
+    def is_flow(self) -> bool:
+        """True for the flow editor (no attention maps, no region hold)."""
+        return isinstance(self.model, flow_edit.FlowEditor)
 
-    def edit_fn(self, settings: editmgt.SamplingSettings):
+    def settings(self, **overrides) -> editmgt.SamplingSettings | flow_edit.FlowSettings:
+        settings_cls = flow_edit.FlowSettings if self.is_flow else editmgt.SamplingSettings
+        return settings_cls.from_config(self.config.sampling, **overrides)
+
+    def edit_fn(self, settings: editmgt.SamplingSettings | flow_edit.FlowSettings):
         """The compiled edit function for `settings` (cached: static settings change the graph)."""
         key = dataclasses.replace(settings, region_hold_threshold=0.0, gamma=1.0)
         if key not in self._edit_fns:
-            self._edit_fns[key] = editmgt.make_edit_fn(self.model, settings)
+            make = flow_edit.make_edit_fn if self.is_flow else editmgt.make_edit_fn
+            self._edit_fns[key] = make(self.model, settings)
         return self._edit_fns[key]
 
     def prepare(self, images: np.ndarray, instructions: list[str], query: str | None = None) -> dict[str, np.ndarray]:
@@ -55,16 +68,19 @@ class Editor:
             batch["keyword_mask"] = np.zeros_like(encoded["mask"])
         return batch
 
-    def run(self, batch: dict, settings: editmgt.SamplingSettings, *, seed: int = 0) -> dict[str, np.ndarray]:
+    def run(self, batch: dict, settings, *, seed: int = 0) -> dict[str, np.ndarray]:
         return editmgt.run_edits(self.edit_fn(settings), self.params, self.model_state, batch, settings, seed=seed)
 
 
 def load_editor(path: str | pathlib.Path) -> Editor:
-    """Loads an EditMGT run (workdir, checkpoints dir or step dir)."""
+    """Loads an EditMGT or flow-editor run (workdir, checkpoints dir or step dir)."""
     trained = checkpoint.load_trained(path)
-    if trained.config.get("method") != "editmgt":
-        raise EditorError(f"{path} is a {trained.config.get('method')!r} run, not an editor (method 'editmgt')")
-    model = editmgt.build_model(trained.config)
+    method = trained.config.get("method")
+    if method not in EDITOR_METHODS:
+        raise EditorError(
+            f"{path} is a {method!r} run, not an editor (method {' or '.join(map(repr, EDITOR_METHODS))})"
+        )
+    model = (flow_edit.build_model if method == "flow_edit" else editmgt.build_model)(trained.config)
     return Editor(model, trained.inference_params, trained.model_state, trained.config, trained.step)
 
 
@@ -84,12 +100,16 @@ def evaluate_split(
     num_examples: int = 256,
     batch_size: int = 64,
     thresholds: dict[str, float] | None = None,
-    settings: editmgt.SamplingSettings | None = None,
+    settings: editmgt.SamplingSettings | flow_edit.FlowSettings | None = None,
     gamma: float | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Verifier success per edit type and preservation L1 on a world split, for each named threshold."""
+    """Verifier success per edit type and preservation L1 on a world split, for each named threshold.
+
+    The default thresholds are {'plain': 0, 'hold': the settings' region-hold threshold} for EditMGT and
+    {'plain': 0} for the flow editor (it has no region hold).
+    """
     import tqdm
 
     from editing_jax.data import pipeline
@@ -101,7 +121,7 @@ def evaluate_split(
         raise EditorError("num_examples must be >= 1")
     settings = settings or editor.settings()
     if thresholds is None:
-        thresholds = {"plain": 0.0, "hold": settings.region_hold_threshold}
+        thresholds = {"plain": 0.0} if editor.is_flow else {"plain": 0.0, "hold": settings.region_hold_threshold}
     world_seed = int(editor.config.data.seed)
     source = pipeline.WorldSource(split, num_examples, world_seed, edits.WorldConfig(size=editor.image_size))
     dataset = pipeline.make_dataset(
@@ -125,7 +145,11 @@ def evaluate_split(
         "split": split,
         "num_examples": num_examples,
         "checkpoint_step": editor.step,
-        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "region_hold_threshold"},
+        "settings": {
+            k: v
+            for k, v in dataclasses.asdict(settings).items()
+            if k != "region_hold_threshold" and (not editor.is_flow or k in flow_edit.SAMPLER_FIELDS)
+        },
         "gamma": settings.gamma if gamma is None else gamma,
         "results": results,
     }

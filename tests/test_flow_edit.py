@@ -1,4 +1,4 @@
-"""Tests for the flow editor (CogniEdit's SFT base): flow-matching loss, the one-jit edit, config plumbing, CLI run."""
+"""Tests for the flow editor (CogniEdit's SFT base): flow-matching loss, the one-jit edit, config plumbing, CLI runs."""
 
 import json
 import types
@@ -10,19 +10,23 @@ import numpy as np
 import optax
 import pytest
 
-from editing_jax import cli
+from editing_jax import cli, config_lib
+from editing_jax.data import image_io
+from editing_jax.data.world import edits
 from editing_jax.methods import editmgt, flow_edit
 from editing_jax.models.autoencoder import AutoencoderKL
-from editing_jax.models.flow_dit import FlowDiT, unpack_latents
+from editing_jax.models.flow_dit import FlowDiT
 from editing_jax.sampling import flow
 from editing_jax.text.encoder import TextEncoder
 from editing_jax.text.tokenizer import WordTokenizer
+from editing_jax.train import checkpoint
 
 VOCAB = ("make", "the", "red", "blue", "circle", "a")
 
 
 @pytest.fixture(scope="module")
 def tiny_flow():
+    """A tiny editor on 8 px images (2x2 tokens of 16 channels), its initialized variables and a batch of 2."""
     autoencoder = AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
                                 use_mid_block=False, latent_channels=4)  # fmt: skip
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
@@ -32,10 +36,11 @@ def tiny_flow():
     model = flow_edit.FlowEditor(dit, text_encoder, autoencoder, tokenizer, image_size=8, patch_size=2)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
-    tokenizer_variables = autoencoder.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
-    settings = flow_edit.FlowSettings(num_steps=3)
+    # Random frozen autoencoder weights from NumPy: compiling its (threefry) init would take most of the fixture.
+    shapes = jax.eval_shape(autoencoder.init, jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
+    tokenizer_variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
     objective = flow_edit.make_objective(model, tokenizer_variables, cfg_dropout=0.0, timestep_sampling="uniform",
-                                         settings=settings)  # fmt: skip
+                                         settings=flow_edit.FlowSettings(num_steps=3))  # fmt: skip
     batch = model.prepare_batch({
         "source_image": images,
         "target_image": images[::-1].copy(),
@@ -43,89 +48,133 @@ def tiny_flow():
     })  # fmt: skip
     arrays = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
     variables = nn.meta.unbox(jax.jit(objective.init)(jax.random.key(2), arrays))
-    return model, objective, variables, batch, arrays
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    @jax.jit
+    def predict(params, x, t, ids, mask, source):  # v_theta(x [B, L, C], t [B] | text, source uint8)
+        return model.velocity(params, x, t, model.encode_text(params, ids, mask), model.encode(state, source))
+
+    return types.SimpleNamespace(model=model, objective=objective, params=variables["params"], state=state,
+                                 batch=batch, arrays=arrays, predict=predict)  # fmt: skip
 
 
 def test_latent_stats_normalize_the_first_batch_and_round_trip(tiny_flow):
-    model, _, variables, _, arrays = tiny_flow
-    state = {k: v for k, v in variables.items() if k != "params"}
+    model, state, arrays = tiny_flow.model, tiny_flow.state, tiny_flow.arrays
     both = jnp.concatenate([arrays["source_image"], arrays["target_image"]])
     packed = model.encode(state, both)  # [4, L, C]
     assert packed.shape == (4, model.token_grid**2, 4 * 4)
     np.testing.assert_allclose(float(jnp.mean(packed)), 0.0, atol=1e-5)
     np.testing.assert_allclose(float(jnp.std(packed)), 1.0, rtol=1e-4)
     # decode(encode(x)) decodes exactly the (denormalized) posterior means.
-    raw = model.raw_latents(state, both)
-    expected = AutoencoderKL.decode
-    direct = model.autoencoder.apply(state["tokenizer"], raw, method=expected)
-    np.testing.assert_array_equal(np.asarray(model.decode(state, packed)),
-                                  np.asarray(jnp.round((jnp.clip(direct, -1, 1) + 1) * 127.5)).astype(np.uint8))  # fmt: skip
+    direct = model.autoencoder.apply(state["tokenizer"], model.raw_latents(state, both), method=AutoencoderKL.decode)
+    expected = np.round((np.clip(np.asarray(direct), -1, 1) + 1) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(model.decode(state, packed)), expected)
+    # A KL run with diffusers-style scaling/shift factors set: those win over the batch statistics.
+    calibrated = flow_edit.FlowEditor(model.dit, model.text_encoder,
+                                      model.autoencoder.clone(scaling_factor=0.5, shift_factor=0.25),
+                                      model.text_tokenizer, 8)  # fmt: skip
+    stats = flow_edit.latent_stats(calibrated, state["tokenizer"], both)
+    assert (float(stats["shift"]), float(stats["scale"])) == (0.25, 0.5)
 
 
-def test_loss_regresses_the_rectified_flow_velocity(tiny_flow):
-    model, objective, variables, _, arrays = tiny_flow
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-    rng = jax.random.key(5)
-    loss, _ = jax.jit(objective.loss)(params, state, arrays, rng)
-    # Recompute by hand with the loss's rng splits: x_t = (1 - t) x_0 + t eps, target eps - x_0.
-    time_rng, noise_rng, _ = jax.random.split(rng, 3)
-    x0 = model.encode(state, arrays["target_image"])
-    t = jax.random.uniform(time_rng, (2,), minval=1e-3, maxval=1 - 1e-3)
-    eps = jax.random.normal(noise_rng, x0.shape)
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    text = model.encode_text(params, arrays["text_ids"], arrays["text_mask"])
-    v = model.velocity(params, x_t, t, text, model.encode(state, arrays["source_image"]))
-    np.testing.assert_allclose(float(loss), float(jnp.mean((v - (eps - x0)) ** 2)), rtol=1e-5)
+def test_interpolation_and_target_match_numpy_and_the_sampler_convention():
+    rng = np.random.default_rng(0)
+    x0, noise = rng.normal(size=(2, 2, 3, 5)).astype(np.float32)  # two [B=2, L=3, C=5] arrays
+    t = np.asarray([0.25, 0.8], np.float32)
+    x_t = np.asarray(flow_edit.interpolate(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
+    np.testing.assert_allclose(x_t, (1 - t[:, None, None]) * x0 + t[:, None, None] * noise, rtol=1e-6, atol=1e-6)
+    target = np.asarray(flow_edit.velocity_target(jnp.asarray(x0), jnp.asarray(noise)))
+    np.testing.assert_allclose(target, noise - x0, rtol=1e-6)
+    # With the exact velocity, one Euler step of sampling.flow moves along the training path: x_0.8 -> x_0.25.
+    start = flow_edit.interpolate(jnp.asarray(x0), jnp.asarray(noise), jnp.full((2,), 0.8))
+    end = flow.ode_step(start, jnp.asarray(target), 0.8, 0.25)
+    np.testing.assert_allclose(np.asarray(end), (0.75 * x0 + 0.25 * noise), rtol=1e-5, atol=1e-5)
 
 
-def test_few_steps_reduce_the_loss(tiny_flow):
-    _, objective, variables, _, arrays = tiny_flow
-    state = {k: v for k, v in variables.items() if k != "params"}
+@pytest.fixture(scope="module")
+def train_step(tiny_flow):
+    """`(params, opt_state) -> (params, opt_state, loss before the update, metrics)`: Adam on the fixed batch and
+    rng key(0) (the same times and noise every step)."""
+    objective, state, arrays = tiny_flow.objective, tiny_flow.state, tiny_flow.arrays
     optimizer = optax.adam(3e-3)
 
     @jax.jit
     def step(params, opt_state):
-        (loss, _), grads = jax.value_and_grad(objective.loss, has_aux=True)(params, state, arrays, jax.random.key(0))
+        (loss, aux), grads = jax.value_and_grad(objective.loss, has_aux=True)(params, state, arrays, jax.random.key(0))
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, aux.metrics
 
-    params, opt_state = variables["params"], optimizer.init(variables["params"])
-    losses = [float(step(params, opt_state)[2])]
-    for _ in range(25):
-        params, opt_state, loss = step(params, opt_state)
+    return step, optimizer.init(tiny_flow.params)
+
+
+def test_loss_regresses_the_rectified_flow_velocity(tiny_flow, train_step):
+    model, params, state, arrays = tiny_flow.model, tiny_flow.params, tiny_flow.state, tiny_flow.arrays
+    step, opt_state = train_step
+    rng = jax.random.key(0)
+    _, _, loss, metrics = step(params, opt_state)
+    # By hand, in NumPy, with the loss's documented rng splits (times, noise, text dropout; dropout is 0 here).
+    time_rng, noise_rng, _ = jax.random.split(rng, 3)
+    x0 = np.asarray(model.encode(state, arrays["target_image"]))  # [2, L, C]
+    t = np.asarray(jax.random.uniform(time_rng, (2,), minval=1e-3, maxval=1 - 1e-3))
+    eps = np.asarray(jax.random.normal(noise_rng, x0.shape))
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    v = np.asarray(tiny_flow.predict(params, x_t, t, arrays["text_ids"], arrays["text_mask"], arrays["source_image"]))
+    per_example = np.mean((v - (eps - x0)) ** 2, axis=(1, 2))  # [2]
+    np.testing.assert_allclose(float(loss), per_example.mean(), rtol=1e-5)
+    low = t < 0.5
+    for key, rows in (("loss_low_t", low), ("loss_high_t", ~low)):
+        np.testing.assert_allclose(float(metrics[key]), per_example[rows].mean() if rows.any() else 0.0, rtol=1e-5)
+
+
+def test_few_steps_reduce_the_loss(tiny_flow, train_step):
+    step, opt_state = train_step
+    params, losses = tiny_flow.params, []
+    for _ in range(20):
+        params, opt_state, loss, _ = step(params, opt_state)
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_edit_is_the_ode_sample_and_guidance_one_is_no_guidance(tiny_flow):
-    model, _, variables, batch, _ = tiny_flow
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
+def test_edit_is_the_ode_sample_of_the_model(tiny_flow):
+    model, params, state, batch, arrays = (
+        tiny_flow.model,
+        tiny_flow.params,
+        tiny_flow.state,
+        tiny_flow.batch,
+        tiny_flow.arrays,
+    )
     settings = flow_edit.FlowSettings(num_steps=3)
     edit_fn = flow_edit.make_edit_fn(model, settings)
     out = editmgt.run_edits(edit_fn, params, state, batch, settings, seed=3)
     assert out["images"].shape == (2, 8, 8, 3) and out["images"].dtype == np.uint8
-    again = editmgt.run_edits(edit_fn, params, state, batch, settings, seed=3)
-    np.testing.assert_array_equal(out["images"], again["images"])
+    np.testing.assert_array_equal(
+        out["images"], editmgt.run_edits(edit_fn, params, state, batch, settings, seed=3)["images"]
+    )
+    assert not np.allclose(
+        out["latents"], editmgt.run_edits(edit_fn, params, state, batch, settings, seed=4)["latents"]
+    )
 
-    # By hand: Euler ODE from the same noise with the same velocity.
-    reference = model.encode(state, jnp.asarray(batch["source_image"]))
-    text = model.encode_text(params, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]))
-    x = jax.random.normal(jax.random.split(jax.random.key(3))[0], reference.shape)
-    times = np.asarray(flow.timesteps(3, 1.0))
-    for t, t_next in zip(times[:-1], times[1:], strict=True):
-        x = flow.ode_step(x, model.velocity(params, x, jnp.full((2,), t), text, reference), t, t_next)
-    np.testing.assert_allclose(out["latents"], np.asarray(x), atol=1e-5)
+    # Guidance off: sampling.flow.sample by hand (ODE on every step) from the same noise, then decode.
+    noise_rng, sde_rng = jax.random.split(jax.random.key(3))
+    x_1 = jax.random.normal(noise_rng, out["latents"].shape)
+    ids, mask, source = arrays["text_ids"], arrays["text_mask"], arrays["source_image"]
+    x_0, _, _ = flow.sample(lambda x, t: tiny_flow.predict(params, x, jnp.full((2,), t), ids, mask, source), x_1,
+                            timesteps=flow.timesteps(3), rng=sde_rng, noise_level=0.0,
+                            sde_steps_mask=jnp.zeros((3,), bool))  # fmt: skip
+    np.testing.assert_allclose(out["latents"], np.asarray(x_0), atol=1e-5)
+    np.testing.assert_array_equal(out["images"], np.asarray(model.decode(state, x_0)))
 
-    guided = flow_edit.FlowSettings(num_steps=3, guidance_scale=1.0)
+    # Guidance 2 with a shifted schedule: a plain Euler loop on v_u + 2 (v_c - v_u), v_u from the empty text.
+    guided = flow_edit.FlowSettings(num_steps=3, guidance_scale=2.0, shift=3.0)
     with_cfg = editmgt.run_edits(flow_edit.make_edit_fn(model, guided), params, state, batch, guided, seed=3)
-    np.testing.assert_allclose(with_cfg["latents"], out["latents"], atol=1e-5)
-    # The source matters: another source gives another edit.
-    swapped = dict(batch, source_image=batch["source_image"][::-1].copy())
-    other = editmgt.run_edits(edit_fn, params, state, swapped, settings, seed=3)
-    assert not np.allclose(other["latents"][0], out["latents"][0])
-    assert unpack_latents(jnp.asarray(out["latents"]), 4, 4, 2).shape == (2, 4, 4, 4)
+    x, times = x_1, np.asarray(flow.timesteps(3, 3.0))
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        t_batch = jnp.full((2,), t)
+        v_c = tiny_flow.predict(params, x, t_batch, ids, mask, source)
+        v_u = tiny_flow.predict(params, x, t_batch, jnp.zeros_like(ids), jnp.zeros_like(mask), source)
+        x = x + (t_next - t) * (v_u + 2.0 * (v_c - v_u))
+    np.testing.assert_allclose(with_cfg["latents"], np.asarray(x), atol=1e-4)
+    assert not np.allclose(with_cfg["latents"], out["latents"], atol=1e-3)
 
 
 def test_sample_times():
@@ -133,46 +182,101 @@ def test_sample_times():
     logit_normal = np.asarray(flow_edit.sample_times(rng, 20000, "logit_normal"))
     assert 0 < logit_normal.min() and logit_normal.max() < 1 and abs(np.median(logit_normal) - 0.5) < 0.02
     assert np.mean(np.abs(logit_normal - 0.5) < 0.25) > 0.6  # concentrated mid-trajectory (uniform: 0.5)
+    uniform = np.asarray(flow_edit.sample_times(rng, 20000, "uniform"))
+    assert 0 < uniform.min() and uniform.max() < 1 and abs(np.mean(np.abs(uniform - 0.5) < 0.25) - 0.5) < 0.02
     with pytest.raises(ValueError, match="timestep_sampling"):
         flow_edit.sample_times(rng, 2, "cosine")
 
 
-def test_resolve_config_needs_a_kl_run(monkeypatch):
-    from editing_jax import config_lib
-    from editing_jax.train import checkpoint
+def test_settings_from_config():
+    config = config_lib.load_config("configs/cogniedit/sft.py:size=32,tiny", [])
+    settings = flow_edit.FlowSettings.from_config(config.sampling, guidance_scale=1.5, num_steps=None)
+    assert (settings.num_steps, settings.guidance_scale, settings.shift) == (4, 1.5, 1.0)
+    with pytest.raises(ValueError, match="no region_hold_threshold setting"):
+        flow_edit.FlowSettings.from_config(config.sampling, region_hold_threshold=0.3)
+    with pytest.raises(ValueError, match="num_steps"):
+        flow_edit.FlowSettings.from_config(config.sampling, num_steps=0)
 
+
+def test_resolve_config_needs_a_kl_run(monkeypatch):
     config = config_lib.load_config("configs/cogniedit/sft.py:size=32,tiny", [])
     config.tokenizer.checkpoint = "some/run"
     fake_run = types.SimpleNamespace(config=config_lib.load_config("configs/tokenizer/vq.py:size=32,tiny", []))
     monkeypatch.setattr(checkpoint, "load_trained", lambda path: fake_run)
     with pytest.raises(ValueError, match="tokenizer_vq run, expected tokenizer_kl"):
         flow_edit.resolve_config(config)
+    assert not config.tokenizer.model_json
     fake_run.config = config_lib.load_config("configs/tokenizer/kl.py:size=32,tiny", [])
     flow_edit.resolve_config(config)
     assert json.loads(config.tokenizer.model_json)["latent_channels"] == 4 and "circle" in config.text.vocab.split()
 
 
-def test_sft_trains_end_to_end_from_the_cli(tmp_path, capsys):
-    short = ["--config.train.num_steps=2", "--config.mesh.data=1", "--config.data.num_eval_examples=4",
-             "--config.data.eval_batch_size=4", "--config.train.eval_every=2"]  # fmt: skip
-    kl_dir, sft_dir = tmp_path / "kl", tmp_path / "sft"
-    code = cli.main(["--quiet", "train", "--config", "configs/tokenizer/kl.py:size=32,tiny", "--workdir", str(kl_dir),
-                     *short])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    capsys.readouterr()
-    code = cli.main(["--quiet", "train", "--config", "configs/cogniedit/sft.py:size=32,tiny", "--workdir", str(sft_dir),
-                     f"--config.tokenizer.checkpoint={kl_dir}", *short])  # fmt: skip
+# ---- end to end through the CLI --------------------------------------------------------------------------------
+
+SHORT = ("--config.train.num_steps=2", "--config.mesh.data=1", "--config.train.tensorboard=false")
+COMMON = (*SHORT, "--config.data.num_eval_examples=4", "--config.data.eval_batch_size=4")
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A 2-step tiny KL autoencoder run (no mid block, eval or samples: compiles faster) and a 2-step tiny flow_edit
+    SFT run on top of it."""
+    root = tmp_path_factory.mktemp("flow_edit")
+    assert cli.main(["--quiet", "train", "--config", "configs/tokenizer/kl.py:size=32,tiny", "--workdir",
+                     str(root / "kl"), "--config.train.sample_every=0", "--config.data.num_eval_examples=0",
+                     "--config.model.use_mid_block=false", *SHORT]) == 0  # fmt: skip
+    assert cli.main(["--quiet", "train", "--config", "configs/cogniedit/sft.py:size=32,tiny", "--workdir",
+                     str(root / "sft"), f"--config.tokenizer.checkpoint={root / 'kl'}", *COMMON]) == 0  # fmt: skip
+    return root
+
+
+def test_sft_trains_end_to_end_from_the_cli(sft_run):
+    summary = json.loads((sft_run / "sft" / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["final_metrics"]["loss"])
+    assert 0.0 <= summary["eval"]["eval/verifier_success"] <= 1.0 and summary["eval"]["eval/preservation_l1"] >= 0.0
+    assert any(key.startswith("eval/verifier_success/") for key in summary["eval"])  # per edit type
+    saved = json.loads((sft_run / "sft" / "config.json").read_text())
+    assert saved["method"] == "flow_edit" and json.loads(saved["tokenizer"]["model_json"])["latent_channels"] == 4
+    trained = checkpoint.load_trained(sft_run / "sft")  # self-contained: autoencoder and latent statistics
+    assert set(trained.model_state) == {"tokenizer", "latent_stats"} and set(trained.inference_params) == {
+        "dit",
+        "text_encoder",
+    }
+    assert float(trained.model_state["latent_stats"]["scale"]) > 0.0
+    assert list((sft_run / "sft" / "samples").glob("*.png"))
+
+
+def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
+    checkpoint_dir = str(sft_run / "sft")
+    code = cli.main(["--quiet", "eval", "--checkpoint", checkpoint_dir, "--split", "val", "--num", "4",
+                     "--batch_size", "4", "--steps", "2", "--out", str(tmp_path / "eval.json")])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["steps"] == 2 and 0.0 <= summary["eval"]["eval/verifier_success"] <= 1.0
-    saved = json.loads((sft_dir / "config.json").read_text())
-    assert saved["method"] == "flow_edit" and json.loads(saved["tokenizer"]["model_json"])["latent_channels"] == 4
-    # GRPO / Dense GRPO on top of that SFT run: LoRA-only params, an on-policy ratio of 1, a world reward.
+    results = json.loads(out)["results"]
+    assert list(results) == ["plain"] and 0.0 <= results["plain"]["verifier_success"] <= 1.0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["settings"] == {"num_steps": 2, "guidance_scale": 0.0, "shift": 1.0}
+    assert sum(v["num_examples"] for v in report["results"]["plain"]["per_edit_type"].values()) == 4
+
+    sample = edits.generate_sample("test", 0, 0, edits.WorldConfig(size=32))
+    image_io.write_image_atomic(tmp_path / "in.png", sample.source_image)
+    edit_args = ["--quiet", "edit", "--checkpoint", checkpoint_dir, "--image", str(tmp_path / "in.png"),
+                 "--instruction", sample.instruction, "--out", str(tmp_path / "out.png"), "--steps", "2"]  # fmt: skip
+    code = cli.main(edit_args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["size"] == 32 and image_io.read_image(tmp_path / "out.png").shape == (32, 32, 3)
+    code = cli.main([*edit_args, "--region_hold_threshold", "0.3"])  # EditMGT-only: one-line error
+    _, err = capsys.readouterr()
+    assert code == 2 and "no region_hold_threshold setting" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
+    # LoRA-only params, an on-policy ratio of 1, a world reward.
     for name in ("grpo", "dense_grpo"):
-        config = f"configs/cogniedit/{name}.py:tiny"
-        code = cli.main(["--quiet", "train", "--config", config, "--workdir", str(tmp_path / name),
-                         f"--config.init_from={sft_dir}", *short])  # fmt: skip
+        code = cli.main(["--quiet", "train", "--config", f"configs/cogniedit/{name}.py:tiny", "--workdir",
+                         str(sft_run / name), f"--config.init_from={sft_run / 'sft'}", *COMMON])  # fmt: skip
         out, err = capsys.readouterr()
         assert code == 0, err
         summary = json.loads(out.strip().splitlines()[-1])
