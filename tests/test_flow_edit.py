@@ -271,7 +271,6 @@ def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
     assert code == 2 and "no region_hold_threshold setting" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
     # LoRA-only params, an on-policy ratio of 1, a world reward.
     for name in ("grpo", "dense_grpo"):
