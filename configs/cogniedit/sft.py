@@ -10,6 +10,7 @@ Variants (comma-separated): `size=32`; `tiny` a CI-sized model and a few steps.
 import ml_collections
 
 from editing_jax import config_lib
+from editing_jax.methods.editmgt_configs import text_config
 from editing_jax.train import defaults
 
 VARIANTS = ("size=32", "size=32,tiny")
@@ -33,17 +34,7 @@ def get_config(arg=None):
             "model_json": "",  # Filled from the tokenizer run when training starts; travels with checkpoints.
         }
     )
-    config.text = ml_collections.ConfigDict(
-        {
-            "vocab": "",  # Filled from the world's grammar when training starts.
-            "max_length": 24,
-            "num_hash_buckets": 64,
-            "width": 32 if tiny else 64,
-            "num_layers": 1 if tiny else 2,
-            "num_heads": 2 if tiny else 4,
-            "pooled_dim": 32 if tiny else 64,
-        }
-    )
+    config.text = text_config(tiny)
     heads, head_dim = (2, 16) if tiny else (4, 32)
     config.model = ml_collections.ConfigDict(
         {

@@ -472,6 +472,24 @@ def replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
 # ---- building from a config ------------------------------------------------------------------------------------
 
 
+def build_text_modules(text_config) -> tuple[WordTokenizer, TextEncoder]:
+    """The offline word tokenizer and the trainable text encoder from a config's `text` section (vocab filled)."""
+    tokenizer = WordTokenizer(
+        tuple(text_config.vocab.split()),
+        max_length=int(text_config.max_length),
+        num_hash_buckets=int(text_config.num_hash_buckets),
+    )
+    text_encoder = TextEncoder(
+        vocab_size=tokenizer.vocab_size,
+        width=int(text_config.width),
+        num_layers=int(text_config.num_layers),
+        num_heads=int(text_config.num_heads),
+        max_length=int(text_config.max_length),
+        pooled_dim=int(text_config.pooled_dim),
+    )
+    return tokenizer, text_encoder
+
+
 def build_model(config) -> EditMGT:
     """Modules from a (resolved) config: `tokenizer.model_json` and `text.vocab` must be filled."""
     from editing_jax.methods import module_kwargs
@@ -481,19 +499,7 @@ def build_model(config) -> EditMGT:
     if config.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
     vq = VQModel(**module_kwargs(json.loads(config.tokenizer.model_json)))
-    tokenizer = WordTokenizer(
-        tuple(config.text.vocab.split()),
-        max_length=int(config.text.max_length),
-        num_hash_buckets=int(config.text.num_hash_buckets),
-    )
-    text_encoder = TextEncoder(
-        vocab_size=tokenizer.vocab_size,
-        width=int(config.text.width),
-        num_layers=int(config.text.num_layers),
-        num_heads=int(config.text.num_heads),
-        max_length=int(config.text.max_length),
-        pooled_dim=int(config.text.pooled_dim),
-    )
+    tokenizer, text_encoder = build_text_modules(config.text)
     mgt = MaskedGenerativeTransformer(codebook_size=vq.codebook_size, **module_kwargs(config.model))
     size = int(config.data.size)
     if size % vq.downsample_factor:

@@ -8,6 +8,21 @@ from editing_jax import config_lib
 from editing_jax.train import defaults
 
 
+def text_config(tiny: bool) -> ml_collections.ConfigDict:
+    """The `text` section shared by the editors: the offline word tokenizer and the small text encoder."""
+    return ml_collections.ConfigDict(
+        {
+            "vocab": "",  # Filled from the world's grammar when training starts (space-separated words).
+            "max_length": 24,
+            "num_hash_buckets": 64,
+            "width": 32 if tiny else 64,
+            "num_layers": 1 if tiny else 2,
+            "num_heads": 2 if tiny else 4,
+            "pooled_dim": 32 if tiny else 64,
+        }
+    )
+
+
 def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     """EditMGT config for `stage` ('t2i' or 'edit') with variants `size=32|64`, `quick`, `tiny`."""
     args = config_lib.parse_config_arg(arg, allowed=("size", "quick", "tiny"))
@@ -28,17 +43,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "model_json": "",  # Filled from the tokenizer run when training starts; travels with checkpoints.
         }
     )
-    config.text = ml_collections.ConfigDict(
-        {
-            "vocab": "",  # Filled from the world's grammar when training starts (space-separated words).
-            "max_length": 24,
-            "num_hash_buckets": 64,
-            "width": 32 if tiny else 64,
-            "num_layers": 1 if tiny else 2,
-            "num_heads": 2 if tiny else 4,
-            "pooled_dim": 32 if tiny else 64,
-        }
-    )
+    config.text = text_config(tiny)
     heads, head_dim = (2, 16) if tiny else (4, 32)
     config.model = ml_collections.ConfigDict(
         {

@@ -366,6 +366,18 @@ def evaluate_batches(edit_fn, params, model_state, batches: Iterable[Batch], set
 # ---- the objective ---------------------------------------------------------------------------------------------
 
 
+def visualize_edits(edit_fn, params, model_state, batch: Batch, settings: FlowSettings):
+    """Rows [source, target, output] (float [0, 1] HWC) for up to 8 examples, and the column labels."""
+    batch = {k: v[:MAX_VISUALIZED_ROWS] for k, v in batch.items()}
+    outputs = editmgt.run_edits(edit_fn, params, model_state, batch, settings)
+    rows = [
+        [np.asarray(batch[key][i], np.float32) / 255.0 for key in ("source_image", "target_image")]
+        + [outputs["images"][i].astype(np.float32) / 255.0]
+        for i in range(len(outputs["images"]))
+    ]
+    return rows, ["source", "target", "output"]
+
+
 def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: float, timestep_sampling: str,
                    settings: FlowSettings, init_params: PyTree | None = None,
                    init_latent_stats: PyTree | None = None) -> Objective:  # fmt: skip
@@ -407,14 +419,7 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
         return {"params": params, "tokenizer": frozen_tokenizer, "latent_stats": stats}
 
     def visualize(params, model_state, batch):
-        batch = {k: v[:MAX_VISUALIZED_ROWS] for k, v in batch.items()}
-        outputs = editmgt.run_edits(edit_fn, params, model_state, batch, settings)
-        rows = [
-            [np.asarray(batch[key][i], np.float32) / 255.0 for key in ("source_image", "target_image")]
-            + [outputs["images"][i].astype(np.float32) / 255.0]
-            for i in range(len(outputs["images"]))
-        ]
-        return rows, ["source", "target", "output"]
+        return visualize_edits(edit_fn, params, model_state, batch, settings)
 
     def evaluate(params, model_state, batches):
         result = evaluate_batches(edit_fn, params, model_state, batches, settings)
@@ -447,19 +452,7 @@ def build_model(config) -> FlowEditor:
     if not config.tokenizer.model_json:
         raise ValueError("config.tokenizer.model_json is empty; build the objective first (it resolves it)")
     autoencoder = AutoencoderKL(**module_kwargs(json.loads(config.tokenizer.model_json)))
-    tokenizer = WordTokenizer(
-        tuple(config.text.vocab.split()),
-        max_length=int(config.text.max_length),
-        num_hash_buckets=int(config.text.num_hash_buckets),
-    )
-    text_encoder = TextEncoder(
-        vocab_size=tokenizer.vocab_size,
-        width=int(config.text.width),
-        num_layers=int(config.text.num_layers),
-        num_heads=int(config.text.num_heads),
-        max_length=int(config.text.max_length),
-        pooled_dim=int(config.text.pooled_dim),
-    )
+    tokenizer, text_encoder = editmgt.build_text_modules(config.text)
     dit = FlowDiT(**module_kwargs(config.model))
     size, patch = int(config.data.size), int(config.patch_size)
     if size % (autoencoder.downsample_factor * patch):

@@ -278,15 +278,17 @@ def prepare_batch(model: flow_edit.FlowEditor, batch: Batch) -> Batch:
     return batch
 
 
+def editor_params(params: PyTree, model_state: PyTree) -> dict:
+    """The flow editor's {'dit', 'text_encoder'} params of a GRPO run: the frozen base joined with its adapters."""
+    return {"dit": join_lora(model_state["base_dit"], params["lora"]), "text_encoder": model_state["text_encoder"]}
+
+
 def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: PyTree, settings: GRPOSettings,
                    eval_settings: flow_edit.FlowSettings, reward_fn=host_world_reward) -> Objective:  # fmt: skip
     """GRPO objective on top of an SFT run's params/state (`model.dit` must have `lora_rank > 0`)."""
     if model.dit.lora_rank <= 0:
         raise ValueError("GRPO trains LoRA adapters: set model.lora_rank > 0")
     edit_fn = flow_edit.make_edit_fn(model, eval_settings)
-
-    def full_params(params, model_state):
-        return {"dit": join_lora(model_state["base_dit"], params["lora"]), "text_encoder": model_state["text_encoder"]}
 
     def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
         fresh = flow_edit.make_objective(model, sft_state["tokenizer"], cfg_dropout=0.0, timestep_sampling="uniform",
@@ -299,15 +301,11 @@ def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: P
                 "tokenizer": sft_state["tokenizer"], "latent_stats": sft_state["latent_stats"]}  # fmt: skip
 
     def visualize(params, model_state, batch):
-        batch = {k: v[: flow_edit.MAX_VISUALIZED_ROWS] for k, v in batch.items()}
-        outputs = editmgt.run_edits(edit_fn, full_params(params, model_state), model_state, batch, eval_settings)
-        rows = [[np.asarray(batch[key][i], np.float32) / 255.0 for key in ("source_image", "target_image")]
-                + [outputs["images"][i].astype(np.float32) / 255.0] for i in range(len(outputs["images"]))]  # fmt: skip
-        return rows, ["source", "target", "output"]
+        return flow_edit.visualize_edits(edit_fn, editor_params(params, model_state), model_state, batch, eval_settings)
 
     def evaluate(params, model_state, batches):
-        result = editmgt.evaluate_batches(edit_fn, full_params(params, model_state), model_state, batches,
-                                          eval_settings, thresholds={"plain": 0.0})["plain"]  # fmt: skip
+        result = flow_edit.evaluate_batches(edit_fn, editor_params(params, model_state), model_state, batches,
+                                            eval_settings)  # fmt: skip
         return {"verifier_success": result["verifier_success"], "preservation_l1": result["preservation_l1"]}
 
     return Objective(name=settings.algorithm, init=init, loss=make_loss(model, settings, reward_fn),
