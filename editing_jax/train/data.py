@@ -8,9 +8,15 @@ from editing_jax.data import pipeline
 from editing_jax.data.world import edits
 
 
+def world_edit_types(data_config) -> tuple[str, ...]:
+    """The `data.edit_types` subset (comma-separated; '' or absent = every edit type of the world)."""
+    names = tuple(name.strip() for name in str(data_config.get("edit_types", "")).split(",") if name.strip())
+    return names or edits.WorldConfig().edit_types
+
+
 def _source(data_config, split: str, num_examples: int):
     if data_config.source == "world":
-        world = edits.WorldConfig(size=int(data_config.size))
+        world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
         return pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
     if data_config.source == "tfds":
         from editing_jax.data import tfds_world

@@ -58,6 +58,15 @@ class FakeChatServer:
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
+
+                def done():  # Leave the in-flight count before replying, so a fast client never overlaps it.
+                    nonlocal counted
+                    if counted:
+                        counted = False
+                        with server._lock:
+                            server.in_flight -= 1
+
                 try:
                     if self.path != "/v1/chat/completions":
                         reply = Reply(status=404, raw_body=b'{"error": "not found"}')
@@ -67,6 +76,7 @@ class FakeChatServer:
                     if reply.delay_s:
                         time.sleep(reply.delay_s)
                     body = reply.raw_body if reply.raw_body is not None else chat_body(reply.text)
+                    done()
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
@@ -77,8 +87,7 @@ class FakeChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # The client gave up (timeout tests).
                 finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                    done()
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
