@@ -17,26 +17,22 @@ import numpy as np
 
 
 def evaluate_run(path: str, split: str, num: int, batch_size: int) -> dict:
+    from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
     from editing_jax.methods import editmgt, flow_edit, grpo
-    from editing_jax.train import checkpoint
 
-    trained = checkpoint.load_trained(path)
-    config = trained.config
-    model = flow_edit.build_model(config)  # a GRPO run's saved config holds its SFT run's model fields
+    editor = inference.load_editor(path)  # a GRPO run: its SFT base joined with the adapters and token focus
+    config, model, params = editor.config, editor.model, editor.params
     source = pipeline.WorldSource(split, num, int(config.data.seed), edits.WorldConfig(size=int(config.data.size)))
     dataset = pipeline.make_dataset(source, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
                                     drop_remainder=False)  # fmt: skip
     batches = [grpo.prepare_batch(model, batch) for batch in dataset]
     settings = flow_edit.FlowSettings.from_config(config.sampling)
-    params = trained.inference_params
-    if config.method == "flow_grpo":
-        params = grpo.editor_params(params, trained.model_state)
     edit_fn = flow_edit.make_edit_fn(model, settings)
     rewards, successes, l1s, types = [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
-        out = editmgt.run_edits(edit_fn, params, trained.model_state, batch, settings, seed=index)
+        out = editmgt.run_edits(edit_fn, params, editor.model_state, batch, settings, seed=index)
         scores = grpo.host_world_reward(batch["source_image"], out["images"], batch["source_scene_bytes"],
                                         batch["target_scene_bytes"], batch["edit_mask"])  # fmt: skip
         verified = editmgt.score_edits(out, batch)
@@ -47,7 +43,7 @@ def evaluate_run(path: str, split: str, num: int, batch_size: int) -> dict:
     success, types = np.concatenate(successes), np.asarray(types)
     return {
         "run": path,
-        "step": trained.step,
+        "step": editor.step,
         "verifier_success": float(success.mean()),
         "preservation_l1": float(np.nanmean(np.concatenate(l1s))),
         "mean_reward": float(np.concatenate(rewards).mean()),

@@ -12,7 +12,7 @@ from editing_jax.data import image_io
 from editing_jax.methods import editmgt, flow_edit
 from editing_jax.train import checkpoint
 
-EDITOR_METHODS = ("editmgt", "flow_edit")
+EDITOR_METHODS = ("editmgt", "flow_edit", "flow_grpo")
 
 
 class EditorError(ValueError):
@@ -73,15 +73,25 @@ class Editor:
 
 
 def load_editor(path: str | pathlib.Path) -> Editor:
-    """Loads an EditMGT or flow-editor run (workdir, checkpoints dir or step dir)."""
+    """Loads an EditMGT, flow-editor or GRPO run (workdir, checkpoints dir or step dir).
+
+    A GRPO run (`flow_grpo`) is its SFT base joined with the trained adapters and token-focus modules.
+    """
     trained = checkpoint.load_trained(path)
     method = trained.config.get("method")
     if method not in EDITOR_METHODS:
         raise EditorError(
             f"{path} is a {method!r} run, not an editor (method {' or '.join(map(repr, EDITOR_METHODS))})"
         )
-    model = (flow_edit.build_model if method == "flow_edit" else editmgt.build_model)(trained.config)
-    return Editor(model, trained.inference_params, trained.model_state, trained.config, trained.step)
+    if method == "editmgt":
+        return Editor(editmgt.build_model(trained.config), trained.inference_params, trained.model_state,
+                      trained.config, trained.step)  # fmt: skip
+    params = trained.inference_params
+    if method == "flow_grpo":  # The saved config holds its SFT run's model fields.
+        from editing_jax.methods import grpo
+
+        params = grpo.editor_params(params, trained.model_state)
+    return Editor(flow_edit.build_model(trained.config), params, trained.model_state, trained.config, trained.step)
 
 
 def load_image_for(editor: Editor, path: str | pathlib.Path) -> np.ndarray:

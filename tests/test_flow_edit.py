@@ -226,7 +226,8 @@ def sft_run(tmp_path_factory):
                      str(root / "kl"), "--config.train.sample_every=0", "--config.data.num_eval_examples=0",
                      "--config.model.use_mid_block=false", *SHORT]) == 0  # fmt: skip
     assert cli.main(["--quiet", "train", "--config", "configs/cogniedit/sft.py:size=32,tiny", "--workdir",
-                     str(root / "sft"), f"--config.tokenizer.checkpoint={root / 'kl'}", *COMMON]) == 0  # fmt: skip
+                     str(root / "sft"), f"--config.tokenizer.checkpoint={root / 'kl'}",
+                     "--config.model.zero_init_modulation=false", *COMMON]) == 0  # fmt: skip
     return root
 
 
@@ -283,3 +284,26 @@ def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
         assert summary["compile"]["num_params"] < 10_000  # adapters only (the tiny DiT has ~60 k params)
         assert 0.0 <= metrics["reward"] <= 15.0 and metrics["log_ratio_abs"] < 1e-3
         assert 0.0 <= summary["eval"]["eval/verifier_success"] <= 1.0
+
+
+def test_dense_grpo_with_token_focus_trains_and_edits(sft_run, tmp_path, capsys):
+    # The focus modules train with the adapters (gate 1: the paper's hard replacement, so they get gradient; the SFT
+    # fixture skips adaLN-Zero, else 2 steps leave every block gated off and the velocity blind to the text; Adam's
+    # eps is lowered so that any nonzero gradient moves the gate), and `eval` loads the GRPO run as an editor.
+    workdir = sft_run / "dense_focus"
+    code = cli.main(["--quiet", "train", "--config", "configs/cogniedit/dense_grpo.py:tiny,focus", "--workdir",
+                     str(workdir), f"--config.init_from={sft_run / 'sft'}", "--config.model.token_focus_gate_init=1",
+                     "--config.optimizer.learning_rate=1e-2", "--config.optimizer.eps=1e-30", *COMMON])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    trained = checkpoint.load_trained(workdir)
+    focus = trained.params["focus"]
+    assert set(focus) == {"token_focus_0", "token_focus_1"}  # the tiny DiT's two blocks
+    gates = [float(focus[name]["gate"]) for name in focus]
+    assert all(abs(gate - 1.0) > 1e-4 for gate in gates), gates  # the focus modules received gradient
+
+    code = cli.main(["--quiet", "eval", "--checkpoint", str(workdir), "--split", "val", "--num", "4", "--batch_size",
+                     "4", "--steps", "2", "--out", str(tmp_path / "eval.json")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["results"]["plain"]["verifier_success"] <= 1.0

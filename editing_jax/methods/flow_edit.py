@@ -33,6 +33,7 @@ import numpy as np
 
 from editing_jax.methods import editmgt
 from editing_jax.methods.tokenizer import float_to_uint8, images_to_float
+from editing_jax.models import token_focus
 from editing_jax.models.autoencoder import AutoencoderKL
 from editing_jax.models.flow_dit import FlowDiT, latent_image_ids, pack_latents, unpack_latents
 from editing_jax.sampling import flow
@@ -158,17 +159,17 @@ class FlowEditor:
         images = self.autoencoder.apply(model_state["tokenizer"], latents, method=AutoencoderKL.decode)
         return float_to_uint8(images)
 
-    def encode_text(self, params: PyTree, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode_text(self, params: PyTree, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Encodes token ids `[B, Lt]` (mask `[B, Lt]` bool).
 
         Returns:
             (hidden `[B, Lt, D_text]` with padded positions zeroed, since the DiT attends without a text mask,
-            pooled `[B, P]`).
+            pooled `[B, P]`, mask `[B, Lt]` bool: only token focus reads it).
         """
         hidden, pooled = self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
-        return hidden * mask[..., None].astype(hidden.dtype), pooled
+        return hidden * mask[..., None].astype(hidden.dtype), pooled, mask.astype(bool)
 
-    def velocity(self, params: PyTree, x: jax.Array, t: jax.Array, text: tuple[jax.Array, jax.Array],
+    def velocity(self, params: PyTree, x: jax.Array, t: jax.Array, text: tuple[jax.Array, jax.Array, jax.Array],
                  reference: jax.Array, **kwargs) -> jax.Array:  # fmt: skip
         """Predicted velocity eps - x_0.
 
@@ -176,14 +177,14 @@ class FlowEditor:
             params: {'dit', 'text_encoder'}.
             x: `[B, L, C]` packed noisy target latents x_t.
             t: `[B]` times in [0, 1] (1 = noise).
-            text: (hidden, pooled) from `encode_text`.
+            text: (hidden, pooled, mask) from `encode_text`.
             reference: `[B, L, C]` packed clean source latents (Kontext reference tokens, position index 1).
             **kwargs: passed to `FlowDiT.__call__` (e.g. capture_layers).
 
         Returns:
             `[B, L, C]` float32.
         """
-        hidden, pooled = text
+        hidden, pooled, mask = text
         return self.dit.apply(
             {"params": params["dit"]},
             x,
@@ -194,8 +195,31 @@ class FlowEditor:
             np.zeros((hidden.shape[1], 3), np.float32),  # Flux's text position ids
             ref_hidden=reference,
             ref_ids=self.image_ids(1),
+            txt_mask=mask,
             **kwargs,
         ).astype(jnp.float32)
+
+    def token_focus_maps(self, params: PyTree, x: jax.Array, t: jax.Array, text: tuple[jax.Array, jax.Array, jax.Array],
+                         reference: jax.Array) -> dict[str, jax.Array]:  # fmt: skip
+        """Token-focus analysis of one velocity evaluation (arguments as `velocity`).
+
+        Returns:
+            `token_focus.collect_focus` over the DiT's focus layers: {'focus_start' [N, B], 'start_probs' [N, B, S],
+            'token_importance' [N, B, Lt]}.
+
+        Raises:
+            ValueError: the DiT has no token focus.
+        """
+        layers = self.dit.focus_layers
+        if not layers:
+            raise ValueError("this flow editor has no token focus (model.token_focus_tokens = 0)")
+        hidden, pooled, mask = text
+        _, variables = self.dit.apply(
+            {"params": params["dit"]}, x, hidden, pooled, t, self.image_ids(0),
+            np.zeros((hidden.shape[1], 3), np.float32), ref_hidden=reference, ref_ids=self.image_ids(1),
+            txt_mask=mask, mutable=["intermediates"],
+        )  # fmt: skip
+        return token_focus.collect_focus(variables["intermediates"], layers)
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Host-side: tokenizes the instruction (its keyword span too, unused here but part of the shared batch)."""

@@ -22,7 +22,10 @@ Each train step is on-policy and self-contained:
   `jax.checkpoint` (`grpo.remat`), so memory grows with k by one latent per step rather than one activation set
   (benchmarks/dense_grpo_memory.py).
 
-Trainable params are only the LoRA adapters ({'lora': ...}); the SFT base DiT, the text encoder and the frozen
+Trainable params are the LoRA adapters ({'lora': ...}) and, when the DiT has Dynamic Token Focus Relocation
+(`model.token_focus_tokens > 0`, `models.token_focus`), the focus modules ({'focus': ...}: predictor, soft tokens
+and gate, freshly initialized; the SFT run has none). The reference policy zeroes both the adapters' `lora_b` and the
+focus gates, so it is the SFT base exactly. The SFT base DiT, the text encoder and the frozen
 autoencoder ride in the model state, so AdamW's weight decay never touches the base.
 """
 
@@ -167,6 +170,26 @@ def join_lora(base: Mapping, lora: Mapping) -> dict:
     return out
 
 
+def split_focus(params: Mapping) -> tuple[dict, dict]:
+    """(token-focus modules, everything else) of a DiT param tree; `join_lora` joins them back."""
+    focus = {k: v for k, v in params.items() if k.startswith("token_focus_")}
+    return focus, {k: v for k, v in params.items() if k not in focus}
+
+
+def zero_gates(focus: Mapping) -> dict:
+    """Token-focus params with every gate zeroed: the modules then pass the text through unchanged."""
+    return {k: zero_gates(v) if isinstance(v, Mapping) else (jnp.zeros_like(v) if k == "gate" else v)
+            for k, v in focus.items()}  # fmt: skip
+
+
+def policy_dit(params: Mapping, base: Mapping, *, reference: bool = False) -> dict:
+    """The DiT params of the policy (or, with `reference`, of the SFT base) from the trainable params and the base."""
+    lora, focus = params["lora"], params.get("focus", {})
+    if reference:
+        lora, focus = zero_adapters(lora), zero_gates(focus)
+    return join_lora(join_lora(base, lora), focus)
+
+
 def zero_adapters(lora: Mapping) -> dict:
     """The adapters with every lora_b zeroed: the LoRA model then computes the base model exactly."""
     return {k: zero_adapters(v) if isinstance(v, Mapping) else (jnp.zeros_like(v) if k == "lora_b" else v)
@@ -213,8 +236,8 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
 
     def loss(params, model_state, batch, rng):
         base, text_params = model_state["base_dit"], model_state["text_encoder"]
-        policy = {"dit": join_lora(base, params["lora"]), "text_encoder": text_params}
-        reference = {"dit": join_lora(base, zero_adapters(params["lora"])), "text_encoder": text_params}
+        policy = {"dit": policy_dit(params, base), "text_encoder": text_params}
+        reference = {"dit": policy_dit(params, base, reference=True), "text_encoder": text_params}
         repeat = lambda x: jnp.repeat(x, group, axis=0)  # noqa: E731  [B, ...] -> [B * G, ...]
         source = repeat(batch["source_image"])
         cond = model.encode(model_state, source)  # [N, L, C]
@@ -280,7 +303,7 @@ def prepare_batch(model: flow_edit.FlowEditor, batch: Batch) -> Batch:
 
 def editor_params(params: PyTree, model_state: PyTree) -> dict:
     """The flow editor's {'dit', 'text_encoder'} params of a GRPO run: the frozen base joined with its adapters."""
-    return {"dit": join_lora(model_state["base_dit"], params["lora"]), "text_encoder": model_state["text_encoder"]}
+    return {"dit": policy_dit(params, model_state["base_dit"]), "text_encoder": model_state["text_encoder"]}
 
 
 def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: PyTree, settings: GRPOSettings,
@@ -295,9 +318,11 @@ def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: P
                                          settings=eval_settings).init(rng, batch)  # fmt: skip
         dit = editmgt.replace_params(
             nn.meta.unbox(fresh["params"]["dit"]), sft_params["dit"]
-        )  # base from SFT; adapters fresh (lora_b = 0)
+        )  # base from SFT; adapters and token focus fresh (lora_b = 0, gates at gate_init)
+        focus, dit = split_focus(dit)
         lora, base = split_lora(dit)
-        return {"params": {"lora": lora}, "base_dit": base, "text_encoder": sft_params["text_encoder"],
+        trainable = {"lora": lora, "focus": focus} if focus else {"lora": lora}
+        return {"params": trainable, "base_dit": base, "text_encoder": sft_params["text_encoder"],
                 "tokenizer": sft_state["tokenizer"], "latent_stats": sft_state["latent_stats"]}  # fmt: skip
 
     def visualize(params, model_state, batch):
@@ -325,7 +350,7 @@ def build_objective(config) -> Objective:
         for section in ("tokenizer", "text", "patch_size"):
             config[section] = sft.config[section]
         for key, value in sft.config.model.items():
-            if key not in ("lora_rank", "lora_alpha", "lora_targets"):
+            if key not in ("lora_rank", "lora_alpha", "lora_targets") and not key.startswith("token_focus_"):
                 config.model[key] = value
     model = flow_edit.build_model(config)
     settings = GRPOSettings(**{k: v for k, v in config.grpo.items()})

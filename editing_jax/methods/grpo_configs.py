@@ -9,9 +9,10 @@ from editing_jax.train import defaults
 
 
 def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
-    """GRPO config for `algorithm` ('grpo' or 'dense_grpo') with the variant `tiny`."""
-    args = config_lib.parse_config_arg(arg, allowed=("tiny",))
+    """GRPO config for `algorithm` ('grpo' or 'dense_grpo') with the variants `tiny` and `focus` (token focus on)."""
+    args = config_lib.parse_config_arg(arg, allowed=("tiny", "focus"))
     tiny = bool(args.get("tiny", False))
+    focus = bool(args.get("focus", False))
     config = ml_collections.ConfigDict()
     config.method = "flow_grpo"
     config.seed = 0
@@ -20,7 +21,18 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
     config.patch_size = 2
     config.tokenizer = ml_collections.ConfigDict({"checkpoint": "", "model_json": ""})
     config.text = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict({"lora_rank": 4, "lora_alpha": 4.0})  # CogniEdit: rank 4, alpha 4
+    config.model = ml_collections.ConfigDict(
+        {
+            "lora_rank": 4,  # CogniEdit: rank 4, alpha 4
+            "lora_alpha": 4.0,
+            # Dynamic Token Focus Relocation (models/token_focus.py), trained with the adapters; 0 tokens = off.
+            "token_focus_tokens": 4 if focus else 0,
+            "token_focus_layers": (),  # () = every block
+            "token_focus_relaxation": "straight_through",
+            "token_focus_temperature": 1.0,
+            "token_focus_gate_init": 0.0,  # 0: the policy starts at the SFT base; 1: the paper's hard replacement
+        }
+    )
     config.grpo = ml_collections.ConfigDict(
         {
             "algorithm": algorithm,

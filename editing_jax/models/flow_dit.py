@@ -26,6 +26,10 @@ LoRA (CogniEdit): `lora_rank > 0` puts adapters on the block Dense layers named 
 `lora_rank=0` model), and `zero_lora` (same model) or `strip_lora` (a `lora_rank=0` model) gives the adapter-free
 reference policy.
 
+Dynamic Token Focus Relocation (CogniEdit): `token_focus_tokens > 0` puts a `models.token_focus.TokenFocus` before
+each block in `token_focus_layers` (empty = every block); it replaces a predicted window of the text stream with
+learned soft tokens (`txt_mask` keeps the window inside the real text).
+
 Logical axis names: 'embed' (model width), 'mlp' (MLP hidden and adaLN modulation outputs), 'heads', 'kv' (see the
 blocks); input/output channel axes are unnamed (replicated).
 """
@@ -40,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editing_jax.models.token_focus import TokenFocus, focus_module_name
 from editing_jax.nn.attention import grid_position_ids, rope_frequencies
 from editing_jax.nn.embeddings import CombinedTimestepTextProjEmbeddings
 from editing_jax.nn.transformer import (
@@ -141,6 +146,9 @@ class FlowDiT(nn.Module):
       zero_init_output: zero-init `proj_out` (the DiT recipe: a fresh model predicts zero velocity).
       lora_rank, lora_alpha, lora_targets: LoRA on the block Dense layers whose local name is a target
         (`nn.transformer.DoubleStreamBlock` / `SingleStreamBlock`); 0 disables.
+      token_focus_tokens: soft tokens xi per focused block (0 disables token focus).
+      token_focus_layers: global block indices with token focus (empty = every block).
+      token_focus_relaxation, token_focus_temperature, token_focus_gate_init: see `TokenFocus`.
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
 
@@ -158,6 +166,11 @@ class FlowDiT(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 1.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    token_focus_tokens: int = 0
+    token_focus_layers: tuple[int, ...] = ()
+    token_focus_relaxation: str = "straight_through"
+    token_focus_temperature: float = 1.0
+    token_focus_gate_init: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -168,6 +181,17 @@ class FlowDiT(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.num_layers + self.num_single_layers
+
+    @property
+    def focus_layers(self) -> tuple[int, ...]:
+        """Global block indices that get token focus (empty when token focus is off)."""
+        if self.token_focus_tokens <= 0:
+            return ()
+        layers = tuple(self.token_focus_layers) or tuple(range(self.num_blocks))
+        bad = [layer for layer in layers if not 0 <= layer < self.num_blocks]
+        if bad:
+            raise ValueError(f"token_focus_layers {bad} are outside [0, {self.num_blocks})")
+        return layers
 
     def block_name(self, layer: int) -> str:
         """Scope name of global block `layer` (double blocks first, then single), e.g. for captured attention."""
@@ -187,6 +211,7 @@ class FlowDiT(nn.Module):
         ref_hidden: jax.Array | None = None,
         ref_ids: PositionIds | None = None,
         capture_layers: tuple[int, ...] = (),
+        txt_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the velocity of the target tokens.
 
@@ -205,6 +230,7 @@ class FlowDiT(nn.Module):
           ref_ids: `[Lr, 3]` position ids of the reference tokens (`latent_image_ids(hr, wr, index=1)`).
           capture_layers: global block indices (double blocks first) whose attention probabilities over
             [text; target; reference] are sown into 'intermediates' (`<block_name>/attn/attention_probs`).
+          txt_mask: `[B, Lt]` bool, the real text tokens; only token focus uses it (Flux attends without a mask).
 
         Returns:
           Velocity `[B, L, C_out]` for the target tokens (in `dtype`).
@@ -242,7 +268,17 @@ class FlowDiT(nn.Module):
             lora_targets=self.lora_targets,
             **kwargs,
         )
+        focus_layers = self.focus_layers
         for layer in range(self.num_blocks):
+            if layer in focus_layers:
+                context = TokenFocus(
+                    self.token_focus_tokens,
+                    self.token_focus_relaxation,
+                    self.token_focus_temperature,
+                    self.token_focus_gate_init,
+                    name=focus_module_name(layer),
+                    **kwargs,
+                )(context, txt_mask)  # [B, Lt, D]
             block_cls = DoubleStreamBlock if layer < self.num_layers else SingleStreamBlock
             block = block_cls(name=self.block_name(layer), **block_kwargs)
             x, context, _ = block(x, context, temb, rope, capture_attention=layer in capture_layers)
