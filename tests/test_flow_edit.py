@@ -1,5 +1,6 @@
 """Tests for the flow editor (CogniEdit's SFT base): flow-matching loss, the one-jit edit, config plumbing, CLI runs."""
 
+import importlib.util
 import json
 import types
 
@@ -307,3 +308,13 @@ def test_dense_grpo_with_token_focus_trains_and_edits(sft_run, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert 0.0 <= json.loads(out)["results"]["plain"]["verifier_success"] <= 1.0
+
+    # The Fig. 7 analysis script: one row per focus layer, windows inside the real text.
+    spec = importlib.util.spec_from_file_location("token_focus_analysis", "benchmarks/token_focus_analysis.py")
+    analysis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analysis)
+    result = analysis.analyze(str(workdir), "val", 4, 4, [0.5])
+    assert [row["layer"] for row in result["layers"]] == [0, 1]
+    for row in result["layers"]:
+        assert sum(row["start_histogram"]) == 4 and 0.0 <= row["keyword_overlap"] <= 1.0
+        assert 0.0 < row["keyword_importance_uniform"] < 1.0
