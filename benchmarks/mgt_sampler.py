@@ -107,7 +107,8 @@ def main() -> None:
         hidden, pooled = model.encode_text(params, ids, mask)
         text = (hidden, mask, pooled)
         fraction = jnp.ones((tokens.shape[0],), jnp.float32)
-        return model.logits(params, tokens, text, fraction, cond, gamma=jnp.float32(1.0), capture_layers=capture)
+        return model.logits(params, tokens, text, fraction, cond, gamma=jnp.float32(1.0), capture_layers=capture,
+                            model_state=editor.model_state)  # fmt: skip
 
     fwd_ids, fwd_mask = jnp.concatenate([ids] * copies), jnp.concatenate([mask] * copies)
     edit_seconds = _best_time(one_edit, args.repeats)

@@ -39,7 +39,7 @@ def main() -> None:
         masked = np.random.default_rng(0).random(target.shape) < rate
         inputs = jnp.where(masked, model.mgt.mask_token_id, target)
         logits, _ = model.logits(params, inputs, (hidden, mask, pooled), jnp.full((args.num,), rate, jnp.float32),
-                                 cond if model.uses_condition else None)  # fmt: skip
+                                 cond if model.uses_condition else None, model_state=state)  # fmt: skip
         correct = np.asarray(jnp.argmax(logits, -1)) == np.asarray(target)
         rows[str(rate)] = {
             "masked": float(correct[masked].mean()),

@@ -107,14 +107,48 @@ def test_mask_tokens_follows_the_rate():
     assert abs(float(np.mean(fraction)) - 2 / np.pi) < 0.05
 
 
-def _tiny_editor(stage="edit"):
+def test_code_content_reads_the_codebook_up_to_scale(tiny_mgt):
+    _, _, inputs, cond = tiny_mgt
+    model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
+                                        embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
+                                        zero_init_modulation=False, code_content_dim=3)  # fmt: skip
+    codes = jax.random.normal(jax.random.key(4), (16, 3))
+    variables = model.init(jax.random.key(0), **inputs, cond_tokens=cond, code_features=codes)
+    assert {"content_embed", "content_key_in", "content_key_out", "content_query"} <= set(variables["params"])
+
+    def logits(features):
+        return np.asarray(model.apply(variables, **inputs, cond_tokens=cond, code_features=features))
+
+    base = logits(codes)
+    # Features are standardized per dimension, so a per-dimension affine change of the codebook is invisible ...
+    np.testing.assert_allclose(logits(codes * jnp.array([2.0, 0.5, 3.0]) + 1.0), base, rtol=1e-4, atol=1e-4)
+    # ... while a different codebook (here two codes' vectors swapped) changes the prediction.
+    swapped = codes.at[jnp.array([0, 1])].set(codes[jnp.array([1, 0])])
+    assert np.abs(logits(swapped) - base).max() > 1e-3
+    with pytest.raises(ValueError, match="code_features"):
+        model.apply(variables, **inputs, cond_tokens=cond)
+
+
+def test_editmgt_feeds_the_vq_codebook_as_code_content():
+    model, objective, variables, batch = _tiny_editor(code_content=True)
+    state = {"tokenizer": variables["tokenizer"]}
+    assert model.mgt.code_content_dim == 4 and model.code_features(state).shape == (16, 4)
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    loss, _ = objective.loss(variables["params"], state, device_batch, jax.random.key(3))
+    assert np.isfinite(float(loss))
+    settings = editmgt.SamplingSettings(num_steps=2, attention_layers=(0, 2))
+    out = editmgt.run_edits(editmgt.make_edit_fn(model, settings), variables["params"], state, batch, settings)
+    assert out["images"].shape == (2, 8, 8, 3)
+
+
+def _tiny_editor(stage="edit", code_content=False):
     vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
                  latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
     text_encoder = TextEncoder(tokenizer.vocab_size, width=16, num_layers=1, num_heads=2, max_length=6, pooled_dim=8)
     mgt = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
-                                      zero_init_modulation=False)  # fmt: skip
+                                      zero_init_modulation=False, code_content_dim=4 if code_content else 0)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))

@@ -108,6 +108,12 @@ class EditMGT:
         images = self.vq.apply(model_state["tokenizer"], tokens, method=VQModel.decode_indices)
         return float_to_uint8(images)
 
+    def code_features(self, model_state: PyTree) -> jax.Array | None:
+        """The frozen VQ codebook `[V, F]` the MGT reads with `code_content_dim > 0` (else None)."""
+        if not self.mgt.code_content_dim:
+            return None
+        return self.vq.apply(jax.lax.stop_gradient(model_state["tokenizer"]), method=VQModel.code_vectors)
+
     def encode_text(self, params: PyTree, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
 
@@ -125,11 +131,16 @@ class EditMGT:
         *,
         gamma: float | jax.Array | None = None,
         capture_layers: tuple[int, ...] = (),
+        model_state: PyTree | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`."""
+        """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`.
+
+        `model_state` (the frozen tokenizer) is needed when the MGT reads code content (`code_content_dim > 0`).
+        """
         hidden, mask, pooled = text
         args = (tokens, hidden, mask, pooled, timestep, self.micro_conds(tokens.shape[0]))
-        kwargs = dict(cond_tokens=cond_tokens, gamma=gamma, capture_layers=capture_layers)
+        codes = None if model_state is None else self.code_features(model_state)
+        kwargs = dict(cond_tokens=cond_tokens, gamma=gamma, capture_layers=capture_layers, code_features=codes)
         variables = {"params": params["mgt"]}
         if not capture_layers:
             return self.mgt.apply(variables, *args, **kwargs), None
@@ -189,7 +200,12 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         text_mask = batch["text_mask"] & ~drop[:, None]
         hidden, pooled = model.encode_text(params, ids, text_mask)
         logits, _ = model.logits(
-            params, inputs.reshape(batch_size, height, width), (hidden, text_mask, pooled), fraction, cond
+            params,
+            inputs.reshape(batch_size, height, width),
+            (hidden, text_mask, pooled),
+            fraction,
+            cond,
+            model_state=model_state,
         )
         logits = logits.reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
         labels = target.reshape(batch_size, -1)
@@ -259,7 +275,8 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             fraction = jnp.mean(tokens == model.mgt.mask_token_id, axis=(1, 2)).astype(jnp.float32)  # [B]
             if use_cfg:
                 tokens, fraction = jnp.concatenate([tokens, tokens]), jnp.concatenate([fraction, fraction])
-            logits, probs = model.logits(params, tokens, text, fraction, cond, gamma=gamma, capture_layers=capture)
+            logits, probs = model.logits(params, tokens, text, fraction, cond, gamma=gamma, capture_layers=capture,
+                                         model_state=model_state)  # fmt: skip
             logits = logits.reshape(logits.shape[0], grid * grid, -1)
             probs = probs[:, :batch]  # text->image maps of the conditional pass
             maps = attention_maps.consolidate(
@@ -412,6 +429,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
             jnp.ones((batch_size,), jnp.float32),
             model.micro_conds(batch_size),
             cond_tokens=tokens if model.uses_condition else None,
+            code_features=model.code_features({"tokenizer": frozen_tokenizer}),
         )["params"]
         params = {"mgt": mgt_params, "text_encoder": text_params}
         if init_params is not None:
@@ -500,7 +518,10 @@ def build_model(config) -> EditMGT:
         raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
     vq = VQModel(**module_kwargs(json.loads(config.tokenizer.model_json)))
     tokenizer, text_encoder = build_text_modules(config.text)
-    mgt = MaskedGenerativeTransformer(codebook_size=vq.codebook_size, **module_kwargs(config.model))
+    mgt_kwargs = module_kwargs(config.model)
+    # `model.code_content` (bool) feeds the VQ codebook to the MGT (see MaskedGenerativeTransformer.code_content_dim).
+    mgt_kwargs["code_content_dim"] = vq.code_dim if mgt_kwargs.pop("code_content", False) else 0
+    mgt = MaskedGenerativeTransformer(codebook_size=vq.codebook_size, **mgt_kwargs)
     size = int(config.data.size)
     if size % vq.downsample_factor:
         raise ValueError(f"image size {size} is not divisible by the tokenizer's downsampling {vq.downsample_factor}")

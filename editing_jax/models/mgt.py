@@ -79,6 +79,12 @@ class MaskedGenerativeTransformer(nn.Module):
         position (a pointer/copy mechanism, scaled like `source_concat`). Not in EditMGT: editing keeps most tokens,
         and a scalar "keep this token" decision is far easier to learn from scratch than re-encoding a token's
         identity through the trunk and the MLM head.
+      code_content_dim: F > 0 gives the model what each code *looks like*: `__call__` then takes the frozen VQ
+        codebook `code_features [V, F]` (e.g. the 2x2 pixel blocks of the patch VQ), standardized per feature; a
+        Dense of a token's code vector is added to its embedding, and the logits get a content term
+        <q(hidden), k(code vector)> with an MLP key over the codebook. Not in Meissonic/EditMGT, whose code ids are
+        opaque: with opaque ids a from-scratch model must learn "this code recolored" as a lookup per code and
+        color; with content it can predict the look of the new block and let the head find the matching code.
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -99,6 +105,7 @@ class MaskedGenerativeTransformer(nn.Module):
     source_concat: bool = False
     source_skip: bool = False
     source_copy: bool = False
+    code_content_dim: int = 0
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -145,12 +152,38 @@ class MaskedGenerativeTransformer(nn.Module):
                                      **kwargs)  # fmt: skip
         if self.source_copy:
             self.copy_head = Dense(1, ("embed", None), **kwargs)
+        if self.code_content_dim:
+            self.content_embed = Dense(width, (None, "embed"), use_bias=False, **kwargs)
+            self.content_key_in = Dense(self.embed_dim, (None, None), **kwargs)
+            self.content_key_out = Dense(self.embed_dim, (None, None), **kwargs)
+            self.content_query = Dense(self.embed_dim, ("embed", None), use_bias=False, **kwargs)
         if self.source_skip:
             self.source_skip_proj = Dense(width, (None, "embed"), use_bias=False,
                                           kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
 
-    def _image_tokens(self, tokens: jax.Array, extra: jax.Array | None = None) -> tuple[jax.Array, tuple[int, int]]:
+    def _standardized_codes(self, code_features: jax.Array | None) -> jax.Array | None:
+        """`[V, F]` codebook standardized per feature (frozen), or None when code content is off."""
+        if not self.code_content_dim:
+            return None
+        if code_features is None or code_features.shape != (self.codebook_size, self.code_content_dim):
+            shape = None if code_features is None else tuple(code_features.shape)
+            raise ValueError(f"code_content_dim={self.code_content_dim} needs code_features of shape "
+                             f"{(self.codebook_size, self.code_content_dim)}, got {shape}")  # fmt: skip
+        features = jax.lax.stop_gradient(code_features.astype(jnp.float32))
+        return (features - features.mean(0)) / (features.std(0) + 1e-6)
+
+    def _embed_tokens(self, tokens: jax.Array, codes: jax.Array | None) -> jax.Array:
+        """tokens `[B, h, w]` -> `[B, h, w, D]`: the id embedding plus, with code content, its code vector's."""
         x = self.embed(tokens)  # [B, h, w, D]
+        if codes is not None:
+            padded = jnp.concatenate([codes, jnp.zeros((1, codes.shape[1]), codes.dtype)])  # [V + 1, F]: mask = 0
+            x = x + self.content_embed(padded[tokens]).astype(x.dtype)
+        return x
+
+    def _image_tokens(
+        self, tokens: jax.Array, extra: jax.Array | None = None, codes: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple[int, int]]:
+        x = self._embed_tokens(tokens, codes)  # [B, h, w, D]
         if extra is not None:
             x = x + extra
         if self.downsample:
@@ -171,6 +204,7 @@ class MaskedGenerativeTransformer(nn.Module):
         cond_tokens: jax.Array | None = None,
         gamma: float | jax.Array | None = None,
         capture_layers: tuple[int, ...] = (),
+        code_features: jax.Array | None = None,
     ) -> jax.Array:
         """Logits over the codebook.
 
@@ -185,11 +219,13 @@ class MaskedGenerativeTransformer(nn.Module):
           gamma: condition strength (None = 1, no bias term in the graph).
           capture_layers: global block indices (double blocks first, then single) whose attention probabilities
             are sown into 'intermediates' (`transformer_blocks_i/attn/attention_probs`, ...).
+          code_features: `[V, F]` frozen codebook vectors, required iff `code_content_dim > 0`.
 
         Returns:
           `[B, h, w, codebook_size]` logits.
         """
         batch, height, width = tokens.shape
+        codes = self._standardized_codes(code_features)  # [V, F] or None
         micro = timestep_embedding(micro_conds.reshape(-1), self.micro_cond_dim).reshape(batch, -1)  # [B, M*E]
         pooled = self.cond_embed(jnp.concatenate([pooled_text.astype(jnp.float32), micro], axis=-1))  # [B, D]
         temb = self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, pooled)  # [B, D]
@@ -198,19 +234,19 @@ class MaskedGenerativeTransformer(nn.Module):
         extra = skip = None
         strength = 1.0 if gamma is None else jnp.minimum(jnp.asarray(gamma, jnp.float32), 1.0)
         if cond_tokens is not None and (self.source_concat or self.source_skip):
-            cond_embedding = self.embed(cond_tokens)  # [B, h, w, D]
+            cond_embedding = self._embed_tokens(cond_tokens, codes)  # [B, h, w, D]
             if self.source_concat:
                 extra = strength * self.source_proj(cond_embedding)
             if self.source_skip:
                 skip = strength * self.source_skip_proj(cond_embedding)
-        hidden, (grid_h, grid_w) = self._image_tokens(tokens, extra)  # [B, g, D]
+        hidden, (grid_h, grid_w) = self._image_tokens(tokens, extra, codes)  # [B, g, D]
         image_ids = grid_position_ids(grid_h, grid_w)  # [g, 3]
         text_len, image_len = context.shape[1], hidden.shape[1]
         ids = [np.zeros((text_len, 3), np.float32), image_ids]
         cond_hidden = cond_temb = None
         cond_len = 0
         if cond_tokens is not None:
-            cond_hidden, _ = self._image_tokens(cond_tokens)  # [B, g, D]
+            cond_hidden, _ = self._image_tokens(cond_tokens, codes=codes)  # [B, g, D]
             cond_temb = self.time_text_embed(jnp.zeros((batch,), jnp.float32), pooled)  # [B, D]
             cond_len = cond_hidden.shape[1]
             ids.append(image_ids)
@@ -243,6 +279,11 @@ class MaskedGenerativeTransformer(nn.Module):
         if skip is not None:
             hidden = hidden + skip
         logits = self.mlm_layer(hidden)  # [B, h, w, V]
+        if codes is not None:
+            keys = self.content_key_out(nn.gelu(self.content_key_in(codes)))  # [V, E]
+            queries = self.content_query(hidden)  # [B, h, w, E]
+            content = jnp.einsum("bhwe,ve->bhwv", queries, keys.astype(queries.dtype)) / np.sqrt(self.embed_dim)
+            logits = logits + content.astype(logits.dtype)
         if self.source_copy and cond_tokens is not None:
             copy_score = self.copy_head(hidden).astype(logits.dtype)  # [B, h, w, 1]
             is_source = jax.nn.one_hot(cond_tokens, self.codebook_size, dtype=logits.dtype)  # [B, h, w, V]

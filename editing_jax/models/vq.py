@@ -342,6 +342,10 @@ class VQModel(nn.Module):
         """Token indices [B, h, w] int32 of images [B, H, W, 3] in [-1, 1]."""
         return self.quantize.nearest(self.encode_continuous(images))
 
+    def code_vectors(self) -> jax.Array:
+        """The codebook `[K, code_dim]` as the quantizer looks codes up (for a patch VQ: each code's pixel block)."""
+        return self.quantize.lookup(jnp.arange(self.codebook_size))
+
     def decode_indices(self, indices: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] from token indices [B, h, w]."""
         return self.decode_codes(self.quantize.lookup(indices))
