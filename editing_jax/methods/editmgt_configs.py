@@ -56,14 +56,15 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "micro_cond_dim": 16,
             "num_micro_conds": 5,
             "axes_dims_rope": (4, 6, 6) if tiny else (8, 12, 12),
-            # Meissonic uses 10000 and 1.0; on a from-scratch 8x8 grid a small base and a larger qk-norm start let
-            # image tokens find their condition token (same position) sooner (docs/RESULTS.md, EditMGT).
+            # Meissonic uses 10000; on a from-scratch 8x8 grid a small base lets image tokens find their condition
+            # token (same position) sooner. qk_norm_scale_init > 1 (we used 3) makes attention so peaked at init that
+            # image tokens never attend to the text (docs/RESULTS.md, EditMGT: text sensitivity).
             "rope_theta": 10.0,
-            "qk_norm_scale_init": 3.0,
+            "qk_norm_scale_init": 1.0,
             "source_concat": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_concat
             "source_skip": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_skip
             "source_copy": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_copy
-            "code_content": False,  # not in EditMGT; see MaskedGenerativeTransformer.code_content_dim
+            "code_content": True,  # not in EditMGT; see MaskedGenerativeTransformer.code_content_dim
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",
