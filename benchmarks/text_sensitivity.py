@@ -8,6 +8,7 @@ color word replaced by another color. Reported: the mean total-variation distanc
 distributions, over tokens that the edit changes and over the others (edit stage; t2i: over tokens that differ from
 the background-only image), and the accuracy of the argmax on changed tokens. A model that reads its text moves its
 prediction where the color matters (TV near 1 when it is confident); one that ignores the text gives TV near 0.
+Also reported: the attention mass image queries put on text keys, per layer and head (all-masked start).
 """
 
 from __future__ import annotations
@@ -56,20 +57,26 @@ def measure(checkpoint: str, split: str, num: int) -> dict:
         background = np.array([np.bincount(row).argmax() for row in flat])
         changed = np.asarray(target) != background[:, None, None]
 
+    layers = tuple(range(model.mgt.num_blocks))
+
     @jax.jit
     def log_probs(ids, mask):
         hidden, pooled = model.encode_text(params, ids, mask)
         tokens = jnp.full(target.shape, model.mgt.mask_token_id, jnp.int32)
         cond = source if model.uses_condition else None
-        logits, _ = model.logits(params, tokens, (hidden, mask, pooled), jnp.ones((num,), jnp.float32), cond,
-                                 model_state=state)  # fmt: skip
-        return jax.nn.log_softmax(logits, axis=-1)
+        logits, probs = model.logits(params, tokens, (hidden, mask, pooled), jnp.ones((num,), jnp.float32), cond,
+                                     capture_layers=layers, model_state=state)  # fmt: skip
+        text_len = ids.shape[1]
+        image_len = (model.token_grid // 2 if model.mgt.downsample else model.token_grid) ** 2
+        to_text = jnp.sum(probs[:, :, :, text_len : text_len + image_len, :text_len], axis=-1)  # [N, B, H, g]
+        return jax.nn.log_softmax(logits, axis=-1), jnp.mean(to_text, axis=(1, 3))  # [N, H]
 
     def run(batch_texts):
         encoded = model.text_tokenizer.encode(batch_texts)
-        return np.exp(np.asarray(log_probs(jnp.asarray(encoded["ids"]), jnp.asarray(encoded["mask"]))))
+        out, to_text = log_probs(jnp.asarray(encoded["ids"]), jnp.asarray(encoded["mask"]))
+        return np.exp(np.asarray(out)), np.asarray(to_text)
 
-    original, moved = run(texts), run(swapped)
+    (original, to_text), (moved, _) = run(texts), run(swapped)
     tv = 0.5 * np.abs(original - moved).sum(-1)  # [N, h, w]
     correct = original.argmax(-1) == np.asarray(target)
     return {
@@ -80,6 +87,7 @@ def measure(checkpoint: str, split: str, num: int) -> dict:
         "tv_changed_tokens": float(tv[changed].mean()),
         "tv_other_tokens": float(tv[~changed].mean()),
         "argmax_accuracy_changed_tokens": float(correct[changed].mean()),
+        "image_to_text_attention_per_layer_and_head": np.round(to_text, 4).tolist(),
         "example": [texts[0], swapped[0]],
     }
 
