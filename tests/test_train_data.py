@@ -33,3 +33,16 @@ def test_unknown_source_is_an_error():
     with pytest.raises(ValueError, match="unknown data.source 'hub'"):
         train_data.make_train_dataset(config)
     assert train_data.make_eval_batches(config) == []
+
+
+def test_edit_types_select_a_subset_of_the_world():
+    config = defaults.world_data_config(32, batch_size=8, num_eval_examples=8)
+    assert len(train_data.world_edit_types(config)) == 10  # '' = every edit type
+    config.edit_types = "color, remove"
+    assert train_data.world_edit_types(config) == ("color", "remove")
+    batch = next(iter(train_data.make_train_dataset(config)))
+    assert set(batch["edit_type"]) <= {"color", "remove"}
+    assert {t for b in train_data.make_eval_batches(config) for t in b["edit_type"]} <= {"color", "remove"}
+    config.edit_types = "colour"
+    with pytest.raises(ValueError, match="edit_types must be a non-empty subset"):
+        train_data.make_train_dataset(config)
