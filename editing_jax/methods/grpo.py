@@ -176,10 +176,15 @@ def split_focus(params: Mapping) -> tuple[dict, dict]:
     return focus, {k: v for k, v in params.items() if k not in focus}
 
 
+def _zero_leaves(tree: Mapping, name: str) -> dict:
+    """`tree` with every leaf called `name` zeroed."""
+    return {k: _zero_leaves(v, name) if isinstance(v, Mapping) else (jnp.zeros_like(v) if k == name else v)
+            for k, v in tree.items()}  # fmt: skip
+
+
 def zero_gates(focus: Mapping) -> dict:
     """Token-focus params with every gate zeroed: the modules then pass the text through unchanged."""
-    return {k: zero_gates(v) if isinstance(v, Mapping) else (jnp.zeros_like(v) if k == "gate" else v)
-            for k, v in focus.items()}  # fmt: skip
+    return _zero_leaves(focus, "gate")
 
 
 def policy_dit(params: Mapping, base: Mapping, *, reference: bool = False) -> dict:
@@ -192,8 +197,7 @@ def policy_dit(params: Mapping, base: Mapping, *, reference: bool = False) -> di
 
 def zero_adapters(lora: Mapping) -> dict:
     """The adapters with every lora_b zeroed: the LoRA model then computes the base model exactly."""
-    return {k: zero_adapters(v) if isinstance(v, Mapping) else (jnp.zeros_like(v) if k == "lora_b" else v)
-            for k, v in lora.items()}  # fmt: skip
+    return _zero_leaves(lora, "lora_b")
 
 
 # ---- scenes as bytes and the host reward -----------------------------------------------------------------------
