@@ -54,8 +54,8 @@ def analyze(run: str, split: str, num: int, batch_size: int, times: list[float])
         target = model.encode(state, jnp.asarray(batch["target_image"]))
         keyword = np.asarray(batch["keyword_mask"], bool)  # [B, Lt]
         lengths = np.asarray(batch["text_mask"], bool).sum(-1)  # [B]
+        noise = jax.random.normal(jax.random.key(index), target.shape)
         for t in times:
-            noise = jax.random.normal(jax.random.key(index), target.shape)
             x_t = flow_edit.interpolate(target, noise, jnp.full((target.shape[0],), t))
             maps = jax.device_get(maps_fn(params, x_t, jnp.full((target.shape[0],), t), text, reference))
             start = maps["focus_start"]  # [N, B]

@@ -184,6 +184,10 @@ class FlowEditor:
         Returns:
             `[B, L, C]` float32.
         """
+        return self._apply_dit(params, x, t, text, reference, **kwargs).astype(jnp.float32)
+
+    def _apply_dit(self, params: PyTree, x, t, text, reference, **kwargs):
+        """`FlowDiT.apply` on the editor's inputs (target and reference ids, Flux's zero text ids)."""
         hidden, pooled, mask = text
         return self.dit.apply(
             {"params": params["dit"]},
@@ -197,7 +201,7 @@ class FlowEditor:
             ref_ids=self.image_ids(1),
             txt_mask=mask,
             **kwargs,
-        ).astype(jnp.float32)
+        )
 
     def token_focus_maps(self, params: PyTree, x: jax.Array, t: jax.Array, text: tuple[jax.Array, jax.Array, jax.Array],
                          reference: jax.Array) -> dict[str, jax.Array]:  # fmt: skip
@@ -213,12 +217,7 @@ class FlowEditor:
         layers = self.dit.focus_layers
         if not layers:
             raise ValueError("this flow editor has no token focus (model.token_focus_tokens = 0)")
-        hidden, pooled, mask = text
-        _, variables = self.dit.apply(
-            {"params": params["dit"]}, x, hidden, pooled, t, self.image_ids(0),
-            np.zeros((hidden.shape[1], 3), np.float32), ref_hidden=reference, ref_ids=self.image_ids(1),
-            txt_mask=mask, mutable=["intermediates"],
-        )  # fmt: skip
+        _, variables = self._apply_dit(params, x, t, text, reference, mutable=["intermediates"])
         return token_focus.collect_focus(variables["intermediates"], layers)
 
     def prepare_batch(self, batch: Batch) -> Batch:
