@@ -321,3 +321,25 @@ def test_source_copy_score_points_at_the_source_token(tiny_mgt):
     copy_score = np.asarray(model.apply(variables, **inputs, cond_tokens=cond, gamma=1.0) - base)[is_source] + 3.0
     np.testing.assert_allclose(delta[is_source], copy_score, atol=1e-5)
     np.testing.assert_allclose(delta[~is_source], 0.0, atol=1e-5)
+
+
+def test_t2i_captions_fit_the_text_length():
+    from editing_jax.data.world import edits
+    from editing_jax.methods.editmgt_configs import editmgt_config
+    from editing_jax.text.tokenizer import split_words
+
+    longest = max(len(split_words(edits.generate_edit("train", 0, i).target.caption())) for i in range(400))
+    assert longest <= editmgt_config("size=32", stage="t2i").text.max_length
+    assert longest > editmgt_config("size=32", stage="edit").text.max_length  # instructions need fewer words
+
+
+def test_replace_params_takes_a_prefix_of_longer_position_tables_only():
+    fresh = {"text_encoder": {"position_embedding": jnp.zeros((3, 2)), "proj": jnp.zeros((3, 2))}}
+    long_table = jnp.arange(10.0).reshape(5, 2)
+    loaded = editmgt.replace_params(fresh, {"text_encoder": {"position_embedding": long_table}})
+    np.testing.assert_array_equal(loaded["text_encoder"]["position_embedding"], long_table[:3])
+    np.testing.assert_array_equal(loaded["text_encoder"]["proj"], 0.0)  # absent from the loaded tree: kept
+    with pytest.raises(ValueError, match="proj"):
+        editmgt.replace_params(fresh, {"text_encoder": {"proj": long_table}})
+    with pytest.raises(ValueError, match="position_embedding"):  # a shorter table cannot fill a longer one
+        editmgt.replace_params({"position_embedding": jnp.zeros((5, 2))}, {"position_embedding": jnp.zeros((3, 2))})

@@ -471,8 +471,16 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     )
 
 
+# Learned position tables: a run with longer texts (t2i captions) initializes one with shorter texts (instructions)
+# with its first rows, which are exactly the positions the shorter texts use.
+PREFIX_LOADABLE = ("position_embedding",)
+
+
 def replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
-    """Takes `loaded` leaves wherever the tree paths and shapes match `fresh`; errors on a shape mismatch."""
+    """Takes `loaded` leaves wherever the tree paths and shapes match `fresh`; errors on a shape mismatch.
+
+    A `PREFIX_LOADABLE` table `[L_loaded, D]` with L_loaded > L gives its first L rows.
+    """
     flat_loaded = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
 
     def pick(path, leaf):
@@ -480,6 +488,14 @@ def replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
         if key not in flat_loaded:
             return leaf
         value = flat_loaded[key]
+        prefix_ok = key.endswith(tuple(f"['{name}']" for name in PREFIX_LOADABLE))
+        if (
+            prefix_ok
+            and value.ndim == leaf.ndim == 2
+            and value.shape[1] == leaf.shape[1]
+            and value.shape[0] > leaf.shape[0]
+        ):
+            value = value[: leaf.shape[0]]
         if tuple(value.shape) != tuple(leaf.shape):
             raise ValueError(f"init_from param {key} has shape {tuple(value.shape)}, expected {tuple(leaf.shape)}")
         return jnp.asarray(value, leaf.dtype)

@@ -7,13 +7,18 @@ import ml_collections
 from editing_jax import config_lib
 from editing_jax.train import defaults
 
+# Words of the longest world caption (4 objects, "a small red outlined circle in the top left" each, plus the
+# background) are 44; instructions have at most 12.
+CAPTION_MAX_LENGTH = 48
+INSTRUCTION_MAX_LENGTH = 24
 
-def text_config(tiny: bool) -> ml_collections.ConfigDict:
+
+def text_config(tiny: bool, max_length: int = INSTRUCTION_MAX_LENGTH) -> ml_collections.ConfigDict:
     """The `text` section shared by the editors: the offline word tokenizer and the small text encoder."""
     return ml_collections.ConfigDict(
         {
             "vocab": "",  # Filled from the world's grammar when training starts (space-separated words).
-            "max_length": 24,
+            "max_length": max_length,
             "num_hash_buckets": 64,
             "width": 32 if tiny else 64,
             "num_layers": 1 if tiny else 2,
@@ -43,7 +48,8 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "model_json": "",  # Filled from the tokenizer run when training starts; travels with checkpoints.
         }
     )
-    config.text = text_config(tiny)
+    # t2i reads whole target captions; a 24-word limit cut 3- and 4-object captions after the second object.
+    config.text = text_config(tiny, CAPTION_MAX_LENGTH if stage == "t2i" else INSTRUCTION_MAX_LENGTH)
     heads, head_dim = (2, 16) if tiny else (4, 32)
     config.model = ml_collections.ConfigDict(
         {
