@@ -236,6 +236,9 @@ def test_t2i_stage_has_no_condition():
     loss, _ = objective.loss(variables["params"], {"tokenizer": variables["tokenizer"]}, device_batch,
                              jax.random.key(0))  # fmt: skip
     assert np.isfinite(float(loss))
+    # The edit stage's region hold (eval_threshold 0.3) would copy source tokens into a t2i sample; t2i holds none.
+    rows, names = objective.visualize(variables["params"], {"tokenizer": variables["tokenizer"]}, batch)
+    assert names[-1] == "held" and all(not np.any(row[-1]) for row in rows)
 
 
 def test_sampling_settings_validation():

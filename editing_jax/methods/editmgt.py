@@ -410,6 +410,8 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
     'mgt' / 'text_encoder' params (a previous stage's run)."""
     edit_fn = make_edit_fn(model, settings)
+    if not model.uses_condition:
+        eval_threshold = 0.0  # t2i has no source to hold regions of
 
     def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
         mgt_rng, text_rng = jax.random.split(rng)
@@ -452,9 +454,8 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
         return rows, ["source", "target", "output", "attention", "held"]
 
     def evaluate(params, model_state, batches):
-        results = evaluate_batches(
-            edit_fn, params, model_state, batches, settings, thresholds={"plain": 0.0, "hold": eval_threshold}
-        )
+        thresholds = {"plain": 0.0, "hold": eval_threshold} if model.uses_condition else {"plain": 0.0}
+        results = evaluate_batches(edit_fn, params, model_state, batches, settings, thresholds=thresholds)
         metrics = {}
         for name, result in results.items():
             metrics[f"{name}/verifier_success"] = result["verifier_success"]
