@@ -3,7 +3,7 @@
   python benchmarks/mgt_token_accuracy.py --checkpoint workdir/editmgt32 --num 64
 
 Diagnoses whether a model has learned to copy unchanged regions (accuracy on 'unchanged' tokens should approach 1)
-separately from learning the edits ('changed').
+separately from learning the edits ('changed', also per edit type).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main() -> None:
     cond = model.encode_images(state, jnp.asarray(batch["source_image"]))
     mask = jnp.asarray(batch["text_mask"])
     hidden, pooled = model.encode_text(params, jnp.asarray(batch["text_ids"]), mask)
-    changed = np.asarray(target != cond)
+    changed = np.asarray(target != cond)  # [N, h, w]
+    types = np.asarray([str(t) for t in batch["edit_type"]])  # [N]
     rows = {}
     for rate in (0.1, 0.5, 0.9, 1.0):
         masked = np.random.default_rng(0).random(target.shape) < rate
@@ -45,6 +46,11 @@ def main() -> None:
             "masked": float(correct[masked].mean()),
             "unchanged": float(correct[masked & ~changed].mean()),
             "changed": float(correct[masked & changed].mean()),
+            "changed_by_edit_type": {
+                edit_type: float(correct[masked & changed & (types == edit_type)[:, None, None]].mean())
+                for edit_type in sorted(set(types.tolist()))
+                if (masked & changed & (types == edit_type)[:, None, None]).any()
+            },
         }
     print(json.dumps({"command": f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} "
                       f"--num {args.num}", "step": editor.step, "accuracy": rows}))  # fmt: skip
