@@ -47,9 +47,11 @@ def main() -> None:
             "unchanged": float(correct[masked & ~changed].mean()),
             "changed": float(correct[masked & changed].mean()),
             "changed_by_edit_type": {
-                edit_type: float(correct[masked & changed & (types == edit_type)[:, None, None]].mean())
-                for edit_type in sorted(set(types.tolist()))
-                if (masked & changed & (types == edit_type)[:, None, None]).any()
+                edit_type: float(correct[selected].mean())
+                for edit_type, selected in (
+                    (t, masked & changed & (types == t)[:, None, None]) for t in sorted(set(types))
+                )
+                if selected.any()
             },
         }
     print(json.dumps({"command": f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} "
