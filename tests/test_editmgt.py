@@ -107,6 +107,28 @@ def test_mask_tokens_follows_the_rate():
     assert abs(float(np.mean(fraction)) - 2 / np.pi) < 0.05
 
 
+def test_focused_rows_mask_every_changed_token():
+    tokens = jnp.arange(64, dtype=jnp.int32).reshape(1, 64).repeat(256, axis=0) % 16  # [256, 64]
+    changed = jax.random.uniform(jax.random.key(1), tokens.shape) < 0.2  # [256, 64]
+    rng = jax.random.key(0)
+    _, plain, _ = editmgt._mask_tokens(rng, tokens, 16)
+    _, unfocused, _ = editmgt._mask_tokens(rng, tokens, 16, changed=changed, focus_prob=0.0)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(unfocused))
+    inputs, masked, fraction = editmgt._mask_tokens(rng, tokens, 16, changed=changed, focus_prob=0.5)
+    masked, plain, changed = np.asarray(masked), np.asarray(plain), np.asarray(changed)
+    assert np.all(masked >= plain)  # focusing only adds masks
+    assert np.all(masked[~changed] == plain[~changed])  # ... and only on changed tokens
+    covered = np.all(masked | ~changed, axis=-1)  # rows whose changed tokens are all masked
+    covered_by_chance = np.all(plain | ~changed, axis=-1)
+    # Half the rows are focused; the others cover their changed tokens only by chance (high masking rates).
+    expected = 0.5 + 0.5 * covered_by_chance.mean()
+    assert abs(covered.mean() - expected) < 0.1 and covered.mean() > covered_by_chance.mean() + 0.3
+    np.testing.assert_allclose(masked.mean(-1), np.asarray(fraction), rtol=1e-6)
+    assert np.all(np.asarray(inputs)[masked] == 16)
+    _, all_focused, _ = editmgt._mask_tokens(rng, tokens, 16, changed=jnp.asarray(changed), focus_prob=1.0)
+    assert np.all(np.asarray(all_focused)[changed])
+
+
 def test_code_content_reads_the_codebook_up_to_scale(tiny_mgt):
     _, _, inputs, cond = tiny_mgt
     model = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,

@@ -165,28 +165,44 @@ def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Ba
     return batch
 
 
-def _mask_tokens(rng: jax.Array, tokens: jax.Array, mask_token_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Masks each row at an arccos-distributed rate; returns (inputs, masked [B, L] bool, fraction masked [B])."""
+def _mask_tokens(
+    rng: jax.Array,
+    tokens: jax.Array,
+    mask_token_id: int,
+    changed: jax.Array | None = None,
+    focus_prob: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Masks each row at an arccos-distributed rate; returns (inputs, masked [B, L] bool, fraction masked [B]).
+
+    With `changed` `[B, L]` (target tokens that differ from the source) and `focus_prob` > 0, a row is drawn with
+    probability `focus_prob` as a *focused* row: all its changed tokens are masked on top of the random ones. This is
+    the state the sampler reaches when it edits: unchanged tokens are copied with high confidence and revealed
+    first, so the changed ones are predicted last, with all of them still masked.
+    """
     batch, length = tokens.shape
     rate_rng, order_rng = jax.random.split(rng)
     rate = maskgit.sample_mask_rate(rate_rng, (batch,))  # [B]
     num_masked = jnp.clip(jnp.ceil(rate * length), 1, length).astype(jnp.int32)  # [B]
     ranks = jnp.argsort(jnp.argsort(jax.random.uniform(order_rng, (batch, length)), axis=-1), axis=-1)  # [B, L]
     masked = ranks < num_masked[:, None]
+    if changed is not None and focus_prob > 0.0:
+        focused = jax.random.uniform(jax.random.fold_in(rng, 1), (batch,)) < focus_prob  # [B]
+        masked = masked | (changed & focused[:, None])
     inputs = jnp.where(masked, mask_token_id, tokens)
-    return inputs, masked, num_masked.astype(jnp.float32) / length
+    return inputs, masked, jnp.mean(masked.astype(jnp.float32), axis=-1)
 
 
 def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros_like(ids), jnp.zeros_like(mask)
 
 
-def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0):
+def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0):
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
     stage only); 1.0 is the paper's plain average. Copying dominates the plain loss (most tokens are unchanged), so
-    a weight > 1 makes short CPU schedules learn the edits sooner.
+    a weight > 1 makes short CPU schedules learn the edits sooner. `focus_prob` is the share of rows whose changed
+    tokens are all masked (`_mask_tokens`; edit stage only).
     """
 
     def loss(params, model_state, batch, rng):
@@ -194,7 +210,11 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         target = model.encode_images(model_state, batch["target_image"])  # [B, h, w]
         batch_size, height, width = target.shape
         cond = model.encode_images(model_state, batch["source_image"]) if model.uses_condition else None
-        inputs, masked, fraction = _mask_tokens(mask_rng, target.reshape(batch_size, -1), model.mgt.mask_token_id)
+        labels = target.reshape(batch_size, -1)  # [B, L]
+        changed_tokens = None if cond is None else labels != cond.reshape(batch_size, -1)  # [B, L]
+        inputs, masked, fraction = _mask_tokens(
+            mask_rng, labels, model.mgt.mask_token_id, changed=changed_tokens, focus_prob=focus_prob
+        )
         drop = jax.random.uniform(drop_rng, (batch_size,)) < cfg_dropout  # [B]
         ids = jnp.where(drop[:, None], 0, batch["text_ids"])
         text_mask = batch["text_mask"] & ~drop[:, None]
@@ -208,7 +228,6 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             model_state=model_state,
         )
         logits = logits.reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
-        labels = target.reshape(batch_size, -1)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
         weights = masked.astype(jnp.float32)  # [B, L]
         correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -217,7 +236,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             "mask_rate": jnp.mean(fraction),
         }
         if cond is not None:
-            changed = (labels != cond.reshape(batch_size, -1)).astype(jnp.float32) * weights  # [B, L]
+            changed = changed_tokens.astype(jnp.float32) * weights  # [B, L]
             metrics["changed_accuracy"] = jnp.sum(correct * changed) / jnp.maximum(jnp.sum(changed), 1.0)
             weights = weights + (edit_weight - 1.0) * changed
         total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -406,7 +425,7 @@ def attention_to_rgb(maps: np.ndarray) -> np.ndarray:
 
 def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: float, settings: SamplingSettings,
                    eval_threshold: float, init_params: PyTree | None = None,
-                   edit_weight: float = 1.0) -> Objective:  # fmt: skip
+                   edit_weight: float = 1.0, focus_prob: float = 0.0) -> Objective:  # fmt: skip
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
     'mgt' / 'text_encoder' params (a previous stage's run)."""
     edit_fn = make_edit_fn(model, settings)
@@ -465,7 +484,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     return Objective(
         name=f"editmgt_{model.stage}",
         init=init,
-        loss=make_loss(model, cfg_dropout=cfg_dropout, edit_weight=edit_weight),
+        loss=make_loss(model, cfg_dropout=cfg_dropout, edit_weight=edit_weight, focus_prob=focus_prob),
         visualize=visualize,
         evaluate=evaluate,
         prepare_batch=model.prepare_batch,
@@ -595,6 +614,7 @@ def build_objective(config) -> Objective:
         frozen,
         cfg_dropout=float(config.loss.cfg_dropout),
         edit_weight=float(config.loss.get("edit_weight", 1.0)),
+        focus_prob=float(config.loss.get("focus_prob", 0.0)),
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

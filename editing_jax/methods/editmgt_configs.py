@@ -78,7 +78,10 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
         }
     )
     # edit_weight: CE weight of masked tokens that differ from the source (1 = the paper's plain average).
-    config.loss = ml_collections.ConfigDict({"cfg_dropout": 0.1, "edit_weight": 1.0 if stage == "t2i" else 3.0})
+    # focus_prob: share of rows whose changed tokens are all masked (methods/editmgt.py `_mask_tokens`).
+    config.loss = ml_collections.ConfigDict(
+        {"cfg_dropout": 0.1, "edit_weight": 1.0 if stage == "t2i" else 3.0, "focus_prob": 0.0}
+    )
     config.sampling = ml_collections.ConfigDict(
         {
             "num_steps": 4 if tiny else 12,
