@@ -175,9 +175,8 @@ def _mask_tokens(
     """Masks each row at an arccos-distributed rate; returns (inputs, masked [B, L] bool, fraction masked [B]).
 
     With `changed` `[B, L]` (target tokens that differ from the source) and `focus_prob` > 0, a row is drawn with
-    probability `focus_prob` as a *focused* row: all its changed tokens are masked on top of the random ones. This is
-    the state the sampler reaches when it edits: unchanged tokens are copied with high confidence and revealed
-    first, so the changed ones are predicted last, with all of them still masked.
+    probability `focus_prob` as a *focused* row: all its changed tokens are masked on top of the random ones, the
+    state a sampler that reveals its confident copies of unchanged tokens first is in when it reaches the edit.
     """
     batch, length = tokens.shape
     rate_rng, order_rng = jax.random.split(rng)
@@ -236,9 +235,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             "mask_rate": jnp.mean(fraction),
         }
         if cond is not None:
-            changed = changed_tokens.astype(jnp.float32) * weights  # [B, L]
-            metrics["changed_accuracy"] = jnp.sum(correct * changed) / jnp.maximum(jnp.sum(changed), 1.0)
-            weights = weights + (edit_weight - 1.0) * changed
+            changed_masked = changed_tokens.astype(jnp.float32) * weights  # [B, L]
+            metrics["changed_accuracy"] = jnp.sum(correct * changed_masked) / jnp.maximum(jnp.sum(changed_masked), 1.0)
+            weights = weights + (edit_weight - 1.0) * changed_masked
         total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
