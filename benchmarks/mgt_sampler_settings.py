@@ -23,6 +23,9 @@ VARIANTS = (
     ("token temperature 0.5", {"token_temperature": 0.5}),
     ("argmax tokens", {"token_temperature": 0.0}),
     ("argmax tokens, re-mask noise 0", {"token_temperature": 0.0, "temperature": 0.0}),
+    ("1 step, argmax (one-shot)", {"num_steps": 1, "token_temperature": 0.0}),
+    ("2 steps, argmax, re-mask noise 0", {"num_steps": 2, "token_temperature": 0.0, "temperature": 0.0}),
+    ("4 steps, argmax, re-mask noise 0", {"num_steps": 4, "token_temperature": 0.0, "temperature": 0.0}),
 )
 
 
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
     parser.add_argument("--num", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--only", default="", help="row names to run, separated by ';' (default: every row)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "mgt_sampler_settings.json"))
     args = parser.parse_args()
 
@@ -40,8 +44,14 @@ def main() -> None:
     editor = inference.load_editor(args.checkpoint)
     if editor.is_flow:
         raise SystemExit(f"{args.checkpoint} is a flow editor run; this benchmark is for EditMGT")
+    only = {name.strip() for name in args.only.split(";") if name.strip()}
+    unknown = only - {name for name, _ in VARIANTS}
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; rows are {[name for name, _ in VARIANTS]}")
     rows = {}
     for name, overrides in VARIANTS:
+        if only and name not in only:
+            continue
         settings = dataclasses.replace(editor.settings(), **overrides)
         result = inference.evaluate_split(
             editor,
@@ -57,7 +67,7 @@ def main() -> None:
 
     report = {
         "command": f"python benchmarks/mgt_sampler_settings.py --checkpoint {args.checkpoint} --split {args.split} "
-        f"--num {args.num}",
+        f"--num {args.num}" + (f" --only '{args.only}'" if args.only else ""),
         "checkpoint_step": editor.step,
         "rows": rows,
     }

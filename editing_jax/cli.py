@@ -194,6 +194,9 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
         "gamma": args.gamma,
         "region_hold_threshold": args.region_hold_threshold,
         "filter": args.filter,
+        "token_temperature": args.token_temperature,
+        "temperature": args.remask_noise,
+        "map_scaling": args.map_scaling,
         "text_positions": "keyword" if getattr(args, "query", None) else None,
     }
 
@@ -274,6 +277,15 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region_hold_threshold", type=float, default=None, help="lambda; 0 disables region hold")
     parser.add_argument(
         "--filter", default=None, help="attention smoothing: none/gaussian/bilateral/morphological/adaptive"
+    )
+    parser.add_argument(
+        "--token_temperature", type=float, default=None, help="EditMGT token sampling temperature (0 = argmax)"
+    )
+    parser.add_argument(
+        "--remask_noise", type=float, default=None, help="EditMGT initial Gumbel noise of the re-masking confidences"
+    )
+    parser.add_argument(
+        "--map_scaling", default=None, help="EditMGT attention map scaling for region hold: minmax (paper) or max"
     )
     parser.add_argument("--seed", type=int, default=0)
 

@@ -117,8 +117,8 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Verifier success per edit type and preservation L1 on a world split, for each named threshold.
 
-    The default thresholds are {'plain': 0, 'hold': the settings' region-hold threshold} for EditMGT and
-    {'plain': 0} for the flow editor (it has no region hold).
+    The default thresholds are {'plain': 0, 'hold': the settings' region-hold threshold} for EditMGT ('hold' only
+    when that threshold is > 0) and {'plain': 0} for the flow editor (it has no region hold).
     """
     import tqdm
 
@@ -131,7 +131,9 @@ def evaluate_split(
         raise EditorError("num_examples must be >= 1")
     settings = settings or editor.settings()
     if thresholds is None:
-        thresholds = {"plain": 0.0} if editor.is_flow else {"plain": 0.0, "hold": settings.region_hold_threshold}
+        thresholds = {"plain": 0.0}
+        if not editor.is_flow and settings.region_hold_threshold > 0:
+            thresholds["hold"] = settings.region_hold_threshold
     world_seed = int(editor.config.data.seed)
     source = pipeline.WorldSource(split, num_examples, world_seed, edits.WorldConfig(size=editor.image_size))
     dataset = pipeline.make_dataset(

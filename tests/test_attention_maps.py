@@ -70,6 +70,20 @@ def test_preserve_peaks_keeps_top_decile_closer_to_original():
     np.testing.assert_allclose(out[top], (0.7 * NOISE + 0.3 * smoothed)[top], rtol=1e-6)
 
 
+def test_max_scaling_keeps_a_flat_map_high_where_minmax_stretches_it():
+    nearly_flat = jnp.array([[[0.20, 0.21], [0.22, 0.20]]])  # [1, 2, 2]: attention spread over the whole image
+    minmax = am.rescale(nearly_flat, "minmax")
+    by_max = am.rescale(nearly_flat, "max")
+    assert float(minmax.min()) == 0.0 and float(minmax.max()) == 1.0  # region hold at any lambda holds a corner
+    np.testing.assert_allclose(by_max, nearly_flat / 0.22, atol=1e-6)
+    assert float(by_max.min()) > 0.9
+    peaked = jnp.array([[[0.0, 0.0], [0.0, 0.8]]])
+    np.testing.assert_allclose(am.rescale(peaked, "max"), am.rescale(peaked, "minmax"), atol=1e-6)
+    assert float(am.smooth(nearly_flat, "none", scaling="max").min()) > 0.9
+    with pytest.raises(ValueError, match="Unknown scaling"):
+        am.rescale(nearly_flat, "sum")
+
+
 def test_consolidate_averages_selected_layers_heads_and_text_positions():
     # 3 layers, B=2, 2 heads, Lq = 3 text + 4 image queries, Lk = 3 text + 4 image keys (2x2 grid).
     probs = np.zeros((3, 2, 2, 7, 7), np.float32)
@@ -89,6 +103,8 @@ def test_consolidate_averages_selected_layers_heads_and_text_positions():
         np.testing.assert_allclose(maps[0].ravel(), [0.25, 0.25, 1.0, 0.0], atol=1e-6)
         # Example 1: text 0 only: [0.25, 0.25, 0, 0] -> rescaled.
         np.testing.assert_allclose(maps[1].ravel(), [1.0, 1.0, 0.0, 0.0], atol=1e-6)
+        by_max = am.consolidate(given, (1, 3), text_positions, image, scaling="max")
+        np.testing.assert_allclose(by_max[0].ravel(), [0.25, 0.25, 1.0, 0.0], atol=1e-6)  # min is 0: same
 
 
 def test_consolidate_rejects_non_square_without_grid_shape():

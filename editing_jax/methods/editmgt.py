@@ -57,6 +57,7 @@ class SamplingSettings:
     filter_sigma: float = 1.0
     filter_radius: int = 1
     keep_peaks: bool = True
+    map_scaling: str = "minmax"  # attention_maps.SCALINGS: how the consolidated map is rescaled to [0, 1]
 
     @classmethod
     def from_config(cls, config, **overrides) -> SamplingSettings:
@@ -65,6 +66,8 @@ class SamplingSettings:
         values["attention_layers"] = tuple(int(v) for v in values["attention_layers"])
         if values["filter"] not in attention_maps.SMOOTHING_METHODS:
             raise ValueError(f"filter must be one of {attention_maps.SMOOTHING_METHODS}, got {values['filter']!r}")
+        if values["map_scaling"] not in attention_maps.SCALINGS:
+            raise ValueError(f"map_scaling must be one of {attention_maps.SCALINGS}, got {values['map_scaling']!r}")
         if values["text_positions"] not in ("all", "keyword"):
             raise ValueError(f"text_positions must be 'all' or 'keyword', got {values['text_positions']!r}")
         if int(values["num_steps"]) < 1:
@@ -269,6 +272,7 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
         sigma=settings.filter_sigma,
         radius=settings.filter_radius,
         keep_peaks=settings.keep_peaks,
+        scaling=settings.map_scaling,
     )
 
     def edit(params, model_state, source_uint8, text_ids, text_mask, text_positions, rng, lam, gamma):
@@ -298,7 +302,12 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             logits = logits.reshape(logits.shape[0], grid * grid, -1)
             probs = probs[:, :batch]  # text->image maps of the conditional pass
             maps = attention_maps.consolidate(
-                probs, (0, len(capture)), text_positions, image_slice, grid_shape=(inner_grid, inner_grid)
+                probs,
+                (0, len(capture)),
+                text_positions,
+                image_slice,
+                grid_shape=(inner_grid, inner_grid),
+                scaling=settings.map_scaling,
             )  # [B, g, g]
             if inner_grid != grid:
                 maps = jnp.repeat(jnp.repeat(maps, 2, axis=1), 2, axis=2)  # [B, h, w]

@@ -15,13 +15,21 @@ import jax.numpy as jnp
 import numpy as np
 
 SMOOTHING_METHODS = ("none", "gaussian", "bilateral", "morphological", "adaptive")
+# 'minmax' (the paper's): (m - min) / (max - min), so every map reaches 0 somewhere, even a flat one.
+# 'max': m / max for non-negative maps, so a flat map stays near 1 everywhere and region hold keeps nothing of it.
+SCALINGS = ("minmax", "max")
 _EPS = 1e-6
 
 
-def rescale(maps: jax.Array) -> jax.Array:
-    """Min-max rescales each [H, W] map to [0, 1]; (near-)constant maps are only clipped to [0, 1]."""
-    lo = jnp.min(maps, axis=(-2, -1), keepdims=True)
+def rescale(maps: jax.Array, scaling: str = "minmax") -> jax.Array:
+    """Rescales each [H, W] map to [0, 1] by `scaling` (one of SCALINGS); (near-)constant maps are only clipped
+    to [0, 1] under 'minmax'."""
     hi = jnp.max(maps, axis=(-2, -1), keepdims=True)
+    if scaling == "max":
+        return jnp.clip(maps / jnp.maximum(hi, _EPS), 0.0, 1.0)
+    if scaling != "minmax":
+        raise ValueError(f"Unknown scaling {scaling!r}; expected one of {SCALINGS}.")
+    lo = jnp.min(maps, axis=(-2, -1), keepdims=True)
     span = hi - lo
     scaled = (maps - lo) / jnp.maximum(span, _EPS)
     return jnp.where(span > _EPS, scaled, jnp.clip(maps, 0.0, 1.0))
@@ -35,6 +43,7 @@ def consolidate(
     *,
     grid_shape: tuple[int, int] | None = None,
     text_offset: int = 0,
+    scaling: str = "minmax",
 ) -> jax.Array:
     """Averages text->image attention over layers, heads and selected text tokens into one map per example.
 
@@ -46,9 +55,10 @@ def consolidate(
         image_slice: key positions of the image tokens, h * w of them in raster order.
         grid_shape: (h, w) of the image token grid; square by default.
         text_offset: first query position of the text tokens.
+        scaling: how each map is rescaled to [0, 1] (`rescale`).
 
     Returns:
-        [B, h, w] maps min-max rescaled to [0, 1] per example.
+        [B, h, w] maps rescaled to [0, 1] per example.
     """
     start, stop = layer_range
     if isinstance(probs_per_layer, (list, tuple)):
@@ -67,7 +77,7 @@ def consolidate(
         if side * side != num_image:
             raise ValueError(f"{num_image} image tokens do not form a square grid; pass grid_shape.")
         grid_shape = (side, side)
-    return rescale(maps.reshape(maps.shape[0], *grid_shape))
+    return rescale(maps.reshape(maps.shape[0], *grid_shape), scaling)
 
 
 def _shifted_windows(maps: jax.Array, radius: int) -> tuple[jax.Array, list[tuple[int, int]]]:
@@ -173,8 +183,10 @@ def smooth(
     keep_peaks: bool = False,
     alpha: float = 0.7,
     quantile: float = 0.9,
+    scaling: str = "minmax",
 ) -> jax.Array:
-    """Smooths [B, H, W] maps with `method` (one of SMOOTHING_METHODS), optionally keeps peaks, rescales to [0, 1]."""
+    """Smooths [B, H, W] maps with `method` (one of SMOOTHING_METHODS), optionally keeps peaks, rescales to [0, 1]
+    by `scaling`."""
     maps = maps.astype(jnp.float32)
     if method == "none":
         smoothed = maps
@@ -190,4 +202,4 @@ def smooth(
         raise ValueError(f"Unknown smoothing method {method!r}; expected one of {SMOOTHING_METHODS}.")
     if keep_peaks:
         smoothed = preserve_peaks(maps, smoothed, alpha, quantile)
-    return rescale(smoothed)
+    return rescale(smoothed, scaling)
