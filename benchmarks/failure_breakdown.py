@@ -1,0 +1,148 @@
+"""Which verifier checks an editor fails, per edit type: the edit itself or the objects it should have kept.
+
+  python benchmarks/failure_breakdown.py --checkpoint workdir/mgt_long --split test --num 128 [--steps 1 \
+      --token_temperature 0] [--code_coverage]
+
+For every edit type: examples, successes, incoherent outputs, and how many target objects fail each attribute check
+('present', 'kind', 'color', 'size', 'style'), split into the *edited* object (the cell the edit names) and the
+*other* objects (those the edit should leave alone). Works for EditMGT and flow-editor runs (plain sampling, no region
+hold). `--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the
+share of `--split` tokens whose code is rare in train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+
+import numpy as np
+
+ATTRIBUTES = ("present", "kind", "color", "size", "style")
+
+
+def edited_cells(source_scene, target_scene) -> set[str]:
+    """Cells whose object differs between source and target (added, removed, moved or changed)."""
+    source = {o.cell: o for o in source_scene.objects}
+    target = {o.cell: o for o in target_scene.objects}
+    return {cell for cell in set(source) | set(target) if source.get(cell) != target.get(cell)}
+
+
+def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> dict:
+    from editing_jax.data import pipeline
+    from editing_jax.data.world import edits, spec, verifier
+    from editing_jax.methods import editmgt
+
+    source = pipeline.WorldSource(split, num, int(editor.config.data.seed), edits.WorldConfig(size=editor.image_size))
+    dataset = pipeline.make_dataset(source, batch_size=min(batch_size, num), seed=0, shuffle=False, num_epochs=1,
+                                    drop_remainder=False)  # fmt: skip
+    edit_fn = editor.edit_fn(settings)
+    rows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for index, raw in enumerate(dataset):
+        batch = editor.model.prepare_batch(raw)
+        out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index,
+                                region_hold_threshold=0.0)  # fmt: skip
+        targets = [spec.Scene.from_json(str(s)) for s in raw["target_scene"]]
+        sources = [spec.Scene.from_json(str(s)) for s in raw["source_scene"]]
+        result = verifier.verify(out["images"], targets)
+        for i, edit_type in enumerate(str(t) for t in raw["edit_type"]):
+            row = rows[edit_type]
+            row["examples"] += 1
+            row["success"] += int(result.success[i])
+            row["incoherent"] += int(not result.coherent[i])
+            changed = edited_cells(sources[i], targets[i])
+            failed_cells: dict[str, list[str]] = collections.defaultdict(list)
+            for key, ok in result.attributes[i].items():
+                cell, _, attribute = key.partition(".")
+                if ok:
+                    continue
+                if attribute in ATTRIBUTES:
+                    failed_cells[cell].append(attribute)
+                else:
+                    row[key] += 1  # background, no_extra_objects and the count checks
+            for cell, attributes in failed_cells.items():
+                group = "edited" if cell in changed else "other"
+                row[f"{group}_objects_wrong"] += 1
+                for attribute in attributes:
+                    row[f"{group}.{attribute}"] += 1
+            row["other_objects"] += sum(1 for o in targets[i].objects if o.cell not in changed)
+    return {edit_type: dict(counts) for edit_type, counts in sorted(rows.items())}
+
+
+def code_coverage(editor, split: str, num: int) -> dict:
+    import jax.numpy as jnp
+
+    from editing_jax.data import pipeline
+    from editing_jax.data.world import edits
+
+    model, state = editor.model, editor.model_state
+
+    def tokens(name: str, count: int) -> np.ndarray:
+        data = pipeline.WorldSource(
+            name, count, int(editor.config.data.seed), edits.WorldConfig(size=editor.image_size)
+        )
+        out = []
+        for start in range(0, count, 256):
+            batch = model.prepare_batch(pipeline.collate([data[i] for i in range(start, min(count, start + 256))]))
+            for key in ("source_image", "target_image"):
+                out.append(np.asarray(model.encode_images(state, jnp.asarray(batch[key]))).ravel())
+        return np.concatenate(out)
+
+    train = np.bincount(tokens("train", 4096), minlength=model.mgt.codebook_size)
+    evaluated = tokens(split, num)
+    return {
+        "codes_seen_in_train": int((train > 0).sum()),
+        "codebook_size": int(model.mgt.codebook_size),
+        **{f"{split}_tokens_with_train_count_below_{k}": float((train[evaluated] < k).mean()) for k in (1, 5, 20)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--num", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--token_temperature", type=float, default=None)
+    parser.add_argument("--code_coverage", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    from editing_jax import inference
+
+    editor = inference.load_editor(args.checkpoint)
+    overrides = {"num_steps": args.steps}
+    if not editor.is_flow:
+        overrides["token_temperature"] = args.token_temperature
+    settings = editor.settings(**overrides)
+    report = {
+        "command": "python benchmarks/failure_breakdown.py "
+        + " ".join(
+            f"--{k}" if v is True else f"--{k} {v}"
+            for k, v in vars(args).items()
+            if v is not None and v is not False and k != "out"
+        ),
+        "checkpoint_step": editor.step,
+        "per_edit_type": breakdown(editor, args.split, args.num, settings),
+    }
+    if args.code_coverage and not editor.is_flow:
+        report["code_coverage"] = code_coverage(editor, args.split, args.num)
+    text = json.dumps(report, indent=2, sort_keys=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    print(text)
+    print(
+        f"\n| `{args.split}` ({args.num}) | examples | success | incoherent | edited objects wrong | objects to keep "
+        "that are wrong |"
+    )
+    print("|---|---|---|---|---|---|")
+    for edit_type, row in report["per_edit_type"].items():
+        print(
+            f"| {edit_type} | {row['examples']} | {row['success']} | {row.get('incoherent', 0)} | "
+            f"{row.get('edited_objects_wrong', 0)} | {row.get('other_objects_wrong', 0)} of {row['other_objects']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
