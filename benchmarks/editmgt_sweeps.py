@@ -1,6 +1,7 @@
 """EditMGT sweeps on the held-out split: region-hold threshold lambda, attention filters, condition strength gamma.
 
-  python benchmarks/editmgt_sweeps.py --checkpoint workdir/quickstart/editmgt --num 256
+  python benchmarks/editmgt_sweeps.py --checkpoint workdir/quickstart/editmgt --num 256 [--steps 12 \
+      --token_temperature 1 --map_scaling minmax]
 
 For each setting: verifier success (overall and per edit type) and mean preservation L1 outside the edit mask, on
 the same `--num` test examples with the same seeds. Writes benchmarks/results/editmgt_sweeps.json (or --out) and
@@ -29,12 +30,29 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "editmgt_sweeps.json"))
+    # Decoding overrides of the checkpoint's settings (default: the checkpoint's own).
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--token_temperature", type=float, default=None)
+    parser.add_argument("--remask_noise", type=float, default=None)
+    parser.add_argument("--map_scaling", default=None, choices=("minmax", "max"))
     args = parser.parse_args()
+    overrides = {"num_steps": args.steps, "token_temperature": args.token_temperature,
+                 "temperature": args.remask_noise, "map_scaling": args.map_scaling}  # fmt: skip
+    flags = "".join(
+        f" --{flag} {value}"
+        for flag, value in (
+            ("steps", args.steps),
+            ("token_temperature", args.token_temperature),
+            ("remask_noise", args.remask_noise),
+            ("map_scaling", args.map_scaling),
+        )  # fmt: skip
+        if value is not None
+    )
 
     from editing_jax import inference
 
     editor = inference.load_editor(args.checkpoint)
-    settings = editor.settings()
+    settings = editor.settings(**overrides)
     default_lambda = settings.region_hold_threshold
     common = dict(split="test", num_examples=args.num, batch_size=args.batch_size, show_progress=True)
 
@@ -54,7 +72,7 @@ def main() -> None:
         )["results"]["plain"]
 
     report = {
-        "command": f"python benchmarks/editmgt_sweeps.py --checkpoint {args.checkpoint} --num {args.num}",
+        "command": f"python benchmarks/editmgt_sweeps.py --checkpoint {args.checkpoint} --num {args.num}{flags}",
         "checkpoint_step": editor.step,
         "settings": dataclasses.asdict(settings),
         "lambda_sweep": lambdas,
