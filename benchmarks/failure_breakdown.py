@@ -6,7 +6,9 @@
 For every edit type: examples, successes, incoherent outputs, and how many target objects fail each attribute check
 ('present', 'kind', 'color', 'size', 'style'), split into the *edited* object (the cell the edit names) and the
 *other* objects (those the edit should leave alone). Works for EditMGT and flow-editor runs (plain sampling, no region
-hold). `--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the
+hold). EditMGT rows also get `attention_auroc`: how well the consolidated text->image attention map separates the
+edit mask's tokens from the rest (the chance that a random edited token scores above a random kept one; 0.5 = no
+localization), averaged over examples whose edit mask is neither empty nor everything. `--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the
 share of `--split` tokens whose code is rare in train.
 """
 
@@ -27,6 +29,14 @@ def edited_cells(source_scene, target_scene) -> set[str]:
     source = {o.cell: o for o in source_scene.objects}
     target = {o.cell: o for o in target_scene.objects}
     return {cell for cell in set(source) | set(target) if source.get(cell) != target.get(cell)}
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half."""
+    pos, neg = scores[positive], scores[~positive]
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return float(greater + 0.5 * ties)
 
 
 def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> dict:
@@ -67,7 +77,21 @@ def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> d
                 for attribute in attributes:
                     row[f"{group}.{attribute}"] += 1
             row["other_objects"] += sum(1 for o in targets[i].objects if o.cell not in changed)
-    return {edit_type: dict(counts) for edit_type, counts in sorted(rows.items())}
+            if "attention" in out:
+                grid = out["attention"].shape[1]
+                mask = np.asarray(raw["edit_mask"][i], bool)  # [S, S]
+                block = mask.shape[0] // grid
+                mask_tokens = mask.reshape(grid, block, grid, block).any(axis=(1, 3))  # [h, w]
+                if 0 < mask_tokens.sum() < mask_tokens.size:
+                    row["attention_auroc_sum"] += auroc(np.asarray(out["attention"][i]), mask_tokens)
+                    row["attention_auroc_examples"] += 1
+    report = {}
+    for edit_type, counts in sorted(rows.items()):
+        row = dict(counts)
+        if row.get("attention_auroc_examples"):
+            row["attention_auroc"] = row.pop("attention_auroc_sum") / row["attention_auroc_examples"]
+        report[edit_type] = row
+    return report
 
 
 def code_coverage(editor, split: str, num: int) -> dict:
@@ -134,13 +158,14 @@ def main() -> None:
     print(text)
     print(
         f"\n| `{args.split}` ({args.num}) | examples | success | incoherent | edited objects wrong | objects to keep "
-        "that are wrong |"
+        "that are wrong | attention AUROC |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for edit_type, row in report["per_edit_type"].items():
         print(
             f"| {edit_type} | {row['examples']} | {row['success']} | {row.get('incoherent', 0)} | "
-            f"{row.get('edited_objects_wrong', 0)} | {row.get('other_objects_wrong', 0)} of {row['other_objects']} |"
+            f"{row.get('edited_objects_wrong', 0)} | {row.get('other_objects_wrong', 0)} of {row['other_objects']} | "
+            f"{row.get('attention_auroc', float('nan')):.2f} |"
         )
 
 
