@@ -163,14 +163,15 @@ def test_editmgt_feeds_the_vq_codebook_as_code_content():
     assert out["images"].shape == (2, 8, 8, 3)
 
 
-def _tiny_editor(stage="edit", code_content=False):
+def _tiny_editor(stage="edit", code_content=False, source_copy=False):
     vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
                  latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
     text_encoder = TextEncoder(tokenizer.vocab_size, width=16, num_layers=1, num_heads=2, max_length=6, pooled_dim=8)
     mgt = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
-                                      zero_init_modulation=False, code_content_dim=4 if code_content else 0)  # fmt: skip
+                                      zero_init_modulation=False, code_content_dim=4 if code_content else 0,
+                                      source_copy=source_copy)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
@@ -271,6 +272,34 @@ def test_sampling_settings_validation():
         editmgt.SamplingSettings.from_config(config)
     settings = editmgt.SamplingSettings.from_config(ml_collections.ConfigDict({"num_steps": 4}), num_steps=7)
     assert settings.num_steps == 7 and settings.filter == "gaussian"
+
+
+def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
+    model, _, variables, batch = _tiny_editor(source_copy=True)
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    rng = jax.random.key(5)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
+    grounded_loss = editmgt.make_loss(model, cfg_dropout=0.0, grounding_weight=2.0)
+    grounded, aux = grounded_loss(params, state, device_batch, rng)
+    mask_rng, _ = jax.random.split(rng)
+    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
+    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
+    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
+    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
+    _, _, copy_score = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled),
+                                    fraction, source.reshape(2, 4, 4), with_copy_score=True)  # fmt: skip
+    kept = (target == source).astype(jnp.float32)
+    assert 0.0 < float(kept.mean()) < 1.0  # both labels occur
+    bce = optax.sigmoid_binary_cross_entropy(copy_score.reshape(2, 16), kept)
+    expected = float(jnp.sum(bce * masked) / jnp.sum(masked))
+    np.testing.assert_allclose(float(aux.metrics["grounding_loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(grounded) - float(plain), 2.0 * expected, rtol=1e-4)
+    assert 0.0 <= float(aux.metrics["grounding_accuracy"]) <= 1.0
+    grads = jax.grad(lambda p: grounded_loss(p, state, device_batch, rng)[1].metrics["grounding_loss"])(params)
+    assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["mgt"]["copy_head"])) > 0.0
+    with pytest.raises(ValueError, match="grounding_weight"):
+        editmgt.make_loss(_tiny_editor()[0], grounding_weight=1.0)  # no source_copy
 
 
 def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):

@@ -135,8 +135,11 @@ class EditMGT:
         gamma: float | jax.Array | None = None,
         capture_layers: tuple[int, ...] = (),
         model_state: PyTree | None = None,
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`.
+        with_copy_score: bool = False,
+    ) -> tuple[jax.Array, ...]:
+        """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`
+        (else None); with `with_copy_score`, also the source-copy score `[B, h, w]` (needs `source_copy` and
+        `cond_tokens`).
 
         `model_state` (the frozen tokenizer) is needed when the MGT reads code content (`code_content_dim > 0`).
         """
@@ -145,10 +148,16 @@ class EditMGT:
         codes = None if model_state is None else self.code_features(model_state)
         kwargs = dict(cond_tokens=cond_tokens, gamma=gamma, capture_layers=capture_layers, code_features=codes)
         variables = {"params": params["mgt"]}
-        if not capture_layers:
+        if not capture_layers and not with_copy_score:
             return self.mgt.apply(variables, *args, **kwargs), None
         logits, sown = self.mgt.apply(variables, *args, **kwargs, mutable=["intermediates"])
-        return logits, captured_attention(self.mgt, sown["intermediates"], capture_layers)
+        sown = sown["intermediates"]
+        probs = captured_attention(self.mgt, sown, capture_layers) if capture_layers else None
+        if not with_copy_score:
+            return logits, probs
+        if "copy_score" not in sown:
+            raise ValueError("with_copy_score needs a model with source_copy and cond_tokens")
+        return logits, probs, sown["copy_score"][0]
 
 
 def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Batch:
@@ -198,14 +207,20 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros_like(ids), jnp.zeros_like(mask)
 
 
-def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0):
+def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
+              grounding_weight: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
     stage only); 1.0 is the paper's plain average. Copying dominates the plain loss (most tokens are unchanged), so
     a weight > 1 makes short CPU schedules learn the edits sooner. `focus_prob` is the share of rows whose changed
-    tokens are all masked (`_mask_tokens`; edit stage only).
+    tokens are all masked (`_mask_tokens`; edit stage only). `grounding_weight` > 0 adds a dense "which tokens does
+    the instruction change" loss: binary cross-entropy of the source-copy score (its sigmoid read as P(target
+    token = source token)) on masked tokens, so the model is told per token whether the named object is there
+    (needs `model.source_copy`; edit stage only; not in EditMGT).
     """
+    if grounding_weight > 0 and not (model.uses_condition and model.mgt.source_copy):
+        raise ValueError("loss.grounding_weight > 0 needs the edit stage and model.source_copy")
 
     def loss(params, model_state, batch, rng):
         mask_rng, drop_rng = jax.random.split(rng)
@@ -221,14 +236,16 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         ids = jnp.where(drop[:, None], 0, batch["text_ids"])
         text_mask = batch["text_mask"] & ~drop[:, None]
         hidden, pooled = model.encode_text(params, ids, text_mask)
-        logits, _ = model.logits(
+        outputs = model.logits(
             params,
             inputs.reshape(batch_size, height, width),
             (hidden, text_mask, pooled),
             fraction,
             cond,
             model_state=model_state,
+            with_copy_score=grounding_weight > 0,
         )
+        logits = outputs[0]
         logits = logits.reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
         weights = masked.astype(jnp.float32)  # [B, L]
@@ -242,6 +259,16 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             metrics["changed_accuracy"] = jnp.sum(correct * changed_masked) / jnp.maximum(jnp.sum(changed_masked), 1.0)
             weights = weights + (edit_weight - 1.0) * changed_masked
         total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        if grounding_weight > 0:
+            copy_score = outputs[2].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
+            kept = (~changed_tokens).astype(jnp.float32)  # [B, L]
+            masked_f = masked.astype(jnp.float32)
+            bce = optax.sigmoid_binary_cross_entropy(copy_score, kept)  # [B, L]
+            grounding = jnp.sum(bce * masked_f) / jnp.maximum(jnp.sum(masked_f), 1.0)
+            agree = ((copy_score > 0).astype(jnp.float32) == kept).astype(jnp.float32)
+            metrics["grounding_loss"] = grounding
+            metrics["grounding_accuracy"] = jnp.sum(agree * masked_f) / jnp.maximum(jnp.sum(masked_f), 1.0)
+            total = total + grounding_weight * grounding
         metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
 
@@ -433,7 +460,8 @@ def attention_to_rgb(maps: np.ndarray) -> np.ndarray:
 
 def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: float, settings: SamplingSettings,
                    eval_threshold: float, init_params: PyTree | None = None,
-                   edit_weight: float = 1.0, focus_prob: float = 0.0) -> Objective:  # fmt: skip
+                   edit_weight: float = 1.0, focus_prob: float = 0.0,
+                   grounding_weight: float = 0.0) -> Objective:  # fmt: skip
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
     'mgt' / 'text_encoder' params (a previous stage's run)."""
     edit_fn = make_edit_fn(model, settings)
@@ -492,7 +520,13 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     return Objective(
         name=f"editmgt_{model.stage}",
         init=init,
-        loss=make_loss(model, cfg_dropout=cfg_dropout, edit_weight=edit_weight, focus_prob=focus_prob),
+        loss=make_loss(
+            model,
+            cfg_dropout=cfg_dropout,
+            edit_weight=edit_weight,
+            focus_prob=focus_prob,
+            grounding_weight=grounding_weight,
+        ),  # fmt: skip
         visualize=visualize,
         evaluate=evaluate,
         prepare_batch=model.prepare_batch,
@@ -623,6 +657,7 @@ def build_objective(config) -> Objective:
         cfg_dropout=float(config.loss.cfg_dropout),
         edit_weight=float(config.loss.get("edit_weight", 1.0)),
         focus_prob=float(config.loss.get("focus_prob", 0.0)),
+        grounding_weight=float(config.loss.get("grounding_weight", 0.0)),
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

@@ -286,6 +286,7 @@ class MaskedGenerativeTransformer(nn.Module):
             logits = logits + content.astype(logits.dtype)
         if self.source_copy and cond_tokens is not None:
             copy_score = self.copy_head(hidden).astype(logits.dtype)  # [B, h, w, 1]
+            self.sow("intermediates", "copy_score", copy_score[..., 0])  # a no-op unless 'intermediates' is mutable
             is_source = jax.nn.one_hot(cond_tokens, self.codebook_size, dtype=logits.dtype)  # [B, h, w, V]
             logits = logits + strength * copy_score * is_source
         return logits
