@@ -95,6 +95,12 @@ def test_edit_types_config_restricts_generation():
         edits.WorldConfig(edit_types=("paint",))
 
 
+def test_repeating_an_edit_type_oversamples_it():
+    config = edits.WorldConfig(size=32, edit_types=("color", "color", "color", "remove"))
+    types = [edits.generate_edit("train", 0, i, config).edit_type for i in range(200)]
+    assert 0.65 < types.count("color") / len(types) < 0.85  # 3/4 expected; 1/2 if repeats were collapsed
+
+
 @pytest.mark.parametrize("size", [24, 33, 48, 96])
 def test_render_any_square_size_roundtrips_through_verifier(size):
     config = edits.WorldConfig(size=size)
