@@ -245,8 +245,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             model_state=model_state,
             with_copy_score=grounding_weight > 0,
         )
-        logits = outputs[0]
-        logits = logits.reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
+        logits = outputs[0].reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
         weights = masked.astype(jnp.float32)  # [B, L]
         correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -526,7 +525,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
             edit_weight=edit_weight,
             focus_prob=focus_prob,
             grounding_weight=grounding_weight,
-        ),  # fmt: skip
+        ),
         visualize=visualize,
         evaluate=evaluate,
         prepare_batch=model.prepare_batch,
