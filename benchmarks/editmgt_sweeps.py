@@ -18,6 +18,13 @@ import pathlib
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 FILTERS = ("none", "gaussian", "bilateral", "morphological", "adaptive")
 GAMMAS = (0.0, 1.0, 1.1, 2.0, 4.0)
+# (command-line flag, SamplingSettings field) of the decoding overrides.
+DECODING_FLAGS = (
+    ("steps", "num_steps"),
+    ("token_temperature", "token_temperature"),
+    ("remask_noise", "temperature"),
+    ("map_scaling", "map_scaling"),
+)
 
 
 def _row(name: str, result: dict) -> str:
@@ -36,18 +43,8 @@ def main() -> None:
     parser.add_argument("--remask_noise", type=float, default=None)
     parser.add_argument("--map_scaling", default=None, choices=("minmax", "max"))
     args = parser.parse_args()
-    overrides = {"num_steps": args.steps, "token_temperature": args.token_temperature,
-                 "temperature": args.remask_noise, "map_scaling": args.map_scaling}  # fmt: skip
-    flags = "".join(
-        f" --{flag} {value}"
-        for flag, value in (
-            ("steps", args.steps),
-            ("token_temperature", args.token_temperature),
-            ("remask_noise", args.remask_noise),
-            ("map_scaling", args.map_scaling),
-        )  # fmt: skip
-        if value is not None
-    )
+    overrides = {key: getattr(args, flag) for flag, key in DECODING_FLAGS}
+    flags = "".join(f" --{flag} {getattr(args, flag)}" for flag, _ in DECODING_FLAGS if getattr(args, flag) is not None)
 
     from editing_jax import inference
 

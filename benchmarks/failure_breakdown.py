@@ -40,16 +40,13 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> dict:
-    from editing_jax.data import pipeline
-    from editing_jax.data.world import edits, spec, verifier
+    from editing_jax import inference
+    from editing_jax.data.world import spec, verifier
     from editing_jax.methods import editmgt
 
-    source = pipeline.WorldSource(split, num, int(editor.config.data.seed), edits.WorldConfig(size=editor.image_size))
-    dataset = pipeline.make_dataset(source, batch_size=min(batch_size, num), seed=0, shuffle=False, num_epochs=1,
-                                    drop_remainder=False)  # fmt: skip
     edit_fn = editor.edit_fn(settings)
     rows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for index, raw in enumerate(dataset):
+    for index, raw in enumerate(inference.world_split_batches(editor, split, num, batch_size)):
         batch = editor.model.prepare_batch(raw)
         out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index,
                                 region_hold_threshold=0.0)  # fmt: skip

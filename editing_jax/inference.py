@@ -103,6 +103,17 @@ def load_image_for(editor: Editor, path: str | pathlib.Path) -> np.ndarray:
     return image
 
 
+def world_split_batches(editor: Editor, split: str, num_examples: int, batch_size: int = 64):
+    """The first `num_examples` of a world split at the editor's size and world seed, as raw host batches in order."""
+    from editing_jax.data import pipeline
+    from editing_jax.data.world import edits
+
+    source = pipeline.WorldSource(split, num_examples, int(editor.config.data.seed),
+                                  edits.WorldConfig(size=editor.image_size))  # fmt: skip
+    return pipeline.make_dataset(source, batch_size=min(batch_size, num_examples), seed=0, shuffle=False,
+                                 num_epochs=1, drop_remainder=False)  # fmt: skip
+
+
 def evaluate_split(
     editor: Editor,
     *,
@@ -122,9 +133,6 @@ def evaluate_split(
     """
     import tqdm
 
-    from editing_jax.data import pipeline
-    from editing_jax.data.world import edits
-
     if split not in ("train", "val", "test"):
         raise EditorError(f"split must be train, val or test, got {split!r}")
     if num_examples < 1:
@@ -134,12 +142,8 @@ def evaluate_split(
         thresholds = {"plain": 0.0}
         if not editor.is_flow and settings.region_hold_threshold > 0:
             thresholds["hold"] = settings.region_hold_threshold
-    world_seed = int(editor.config.data.seed)
-    source = pipeline.WorldSource(split, num_examples, world_seed, edits.WorldConfig(size=editor.image_size))
-    dataset = pipeline.make_dataset(
-        source, batch_size=min(batch_size, num_examples), seed=0, shuffle=False, num_epochs=1, drop_remainder=False
-    )
-    batches = [editor.model.prepare_batch(batch) for batch in dataset]
+    raw_batches = world_split_batches(editor, split, num_examples, batch_size)
+    batches = [editor.model.prepare_batch(batch) for batch in raw_batches]
     progress = tqdm.tqdm(total=len(batches), desc=f"eval {split}", unit="batch", disable=not show_progress)
     with progress:
         results = editmgt.evaluate_batches(

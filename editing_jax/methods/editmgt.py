@@ -247,7 +247,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         )
         logits = outputs[0].reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
-        weights = masked.astype(jnp.float32)  # [B, L]
+        masked_f = masked.astype(jnp.float32)  # [B, L]
+        weights = masked_f
         correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
         metrics = {
             "masked_accuracy": jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0),
@@ -261,7 +262,6 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         if grounding_weight > 0:
             copy_score = outputs[2].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
             kept = (~changed_tokens).astype(jnp.float32)  # [B, L]
-            masked_f = masked.astype(jnp.float32)
             bce = optax.sigmoid_binary_cross_entropy(copy_score, kept)  # [B, L]
             grounding = jnp.sum(bce * masked_f) / jnp.maximum(jnp.sum(masked_f), 1.0)
             agree = ((copy_score > 0).astype(jnp.float32) == kept).astype(jnp.float32)
