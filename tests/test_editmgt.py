@@ -163,7 +163,7 @@ def test_editmgt_feeds_the_vq_codebook_as_code_content():
     assert out["images"].shape == (2, 8, 8, 3)
 
 
-def _tiny_editor(stage="edit", code_content=False, source_copy=False):
+def _tiny_editor(stage="edit", code_content=False, source_copy=False, content_head=False):
     vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
                  latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
@@ -171,7 +171,7 @@ def _tiny_editor(stage="edit", code_content=False, source_copy=False):
     mgt = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
                                       zero_init_modulation=False, code_content_dim=4 if code_content else 0,
-                                      source_copy=source_copy)  # fmt: skip
+                                      source_copy=source_copy, content_head=content_head)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
@@ -287,8 +287,9 @@ def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
     source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
     inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
     hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
-    _, _, copy_score = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled),
-                                    fraction, source.reshape(2, 4, 4), with_copy_score=True)  # fmt: skip
+    _, _, sown = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled),
+                              fraction, source.reshape(2, 4, 4), sown=("copy_score",))  # fmt: skip
+    copy_score = sown["copy_score"]
     kept = (target == source).astype(jnp.float32)
     assert 0.0 < float(kept.mean()) < 1.0  # both labels occur
     bce = optax.sigmoid_binary_cross_entropy(copy_score.reshape(2, 16), kept)
@@ -300,6 +301,38 @@ def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
     assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["mgt"]["copy_head"])) > 0.0
     with pytest.raises(ValueError, match="grounding_weight"):
         editmgt.make_loss(_tiny_editor()[0], grounding_weight=1.0)  # no source_copy
+
+
+def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors():
+    model, _, variables, batch = _tiny_editor(code_content=True, content_head=True)
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    rng = jax.random.key(6)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
+    content_loss = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, content_weight=0.5)
+    total, aux = content_loss(params, state, device_batch, rng)
+    mask_rng, _ = jax.random.split(rng)
+    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
+    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
+    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
+    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
+    _, _, sown = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled), fraction,
+                              source.reshape(2, 4, 4), model_state=state, sown=("content_prediction",))  # fmt: skip
+    codebook = np.asarray(model.code_features(state), np.float64)  # [V, F]
+    standardized = (codebook - codebook.mean(0)) / (codebook.std(0) + 1e-6)
+    predicted = np.asarray(sown["content_prediction"], np.float64).reshape(2, 16, -1)
+    squared = np.mean((predicted - standardized[np.asarray(target)]) ** 2, axis=-1)  # [B, L]
+    weights = np.asarray(masked) * (1.0 + 2.0 * np.asarray(target != source))
+    expected = float(np.sum(squared * weights) / np.sum(weights))
+    np.testing.assert_allclose(float(aux.metrics["content_loss"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
+    grads = jax.grad(lambda p: content_loss(p, state, device_batch, rng)[1].metrics["content_loss"])(params)
+    assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["mgt"]["content_regressor"])) > 0.0
+    assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["text_encoder"])) > 0.0
+    with pytest.raises(ValueError, match="content_weight"):
+        editmgt.make_loss(_tiny_editor(code_content=True)[0], content_weight=1.0)  # no content head
+    with pytest.raises(ValueError, match="content_head needs code_content_dim"):
+        _tiny_editor(content_head=True)
 
 
 def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):

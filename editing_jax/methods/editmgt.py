@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from editing_jax.methods.tokenizer import float_to_uint8, images_to_float
-from editing_jax.models.mgt import MaskedGenerativeTransformer, captured_attention
+from editing_jax.models.mgt import MaskedGenerativeTransformer, captured_attention, standardize_code_features
 from editing_jax.models.vq import VQModel
 from editing_jax.sampling import attention_maps, maskgit
 from editing_jax.text.encoder import TextEncoder
@@ -135,11 +135,11 @@ class EditMGT:
         gamma: float | jax.Array | None = None,
         capture_layers: tuple[int, ...] = (),
         model_state: PyTree | None = None,
-        with_copy_score: bool = False,
+        sown: tuple[str, ...] = (),
     ) -> tuple[jax.Array, ...]:
         """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`
-        (else None); with `with_copy_score`, also the source-copy score `[B, h, w]` (needs `source_copy` and
-        `cond_tokens`).
+        (else None); with `sown` names, also a dict of those sown values: 'copy_score' `[B, h, w]` (needs
+        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`).
 
         `model_state` (the frozen tokenizer) is needed when the MGT reads code content (`code_content_dim > 0`).
         """
@@ -148,16 +148,18 @@ class EditMGT:
         codes = None if model_state is None else self.code_features(model_state)
         kwargs = dict(cond_tokens=cond_tokens, gamma=gamma, capture_layers=capture_layers, code_features=codes)
         variables = {"params": params["mgt"]}
-        if not capture_layers and not with_copy_score:
+        if not capture_layers and not sown:
             return self.mgt.apply(variables, *args, **kwargs), None
-        logits, sown = self.mgt.apply(variables, *args, **kwargs, mutable=["intermediates"])
-        sown = sown["intermediates"]
-        probs = captured_attention(self.mgt, sown, capture_layers) if capture_layers else None
-        if not with_copy_score:
+        logits, intermediates = self.mgt.apply(variables, *args, **kwargs, mutable=["intermediates"])
+        intermediates = intermediates["intermediates"]
+        probs = captured_attention(self.mgt, intermediates, capture_layers) if capture_layers else None
+        if not sown:
             return logits, probs
-        if "copy_score" not in sown:
-            raise ValueError("with_copy_score needs a model with source_copy and cond_tokens")
-        return logits, probs, sown["copy_score"][0]
+        missing = [name for name in sown if name not in intermediates]
+        if missing:
+            raise ValueError(f"the model sowed no {missing}: 'copy_score' needs source_copy and cond_tokens, "
+                             "'content_prediction' needs content_head")  # fmt: skip
+        return logits, probs, {name: intermediates[name][0] for name in sown}
 
 
 def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Batch:
@@ -208,7 +210,7 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
-              grounding_weight: float = 0.0):  # fmt: skip
+              grounding_weight: float = 0.0, content_weight: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -217,10 +219,15 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     tokens are all masked (`_mask_tokens`; edit stage only). `grounding_weight` > 0 adds a dense "which tokens does
     the instruction change" loss: binary cross-entropy of the source-copy score (its sigmoid read as P(target
     token = source token)) on masked tokens, so the model is told per token whether the named object is there
-    (needs `model.source_copy`; edit stage only; not in EditMGT).
+    (needs `model.source_copy`; edit stage only; not in EditMGT). `content_weight` > 0 adds the squared error of
+    the MGT's `content_head` prediction against the target token's standardized code vector (mean over features),
+    weighted like the cross-entropy (masked tokens, changed ones by `edit_weight`; not in EditMGT).
     """
     if grounding_weight > 0 and not (model.uses_condition and model.mgt.source_copy):
         raise ValueError("loss.grounding_weight > 0 needs the edit stage and model.source_copy")
+    if content_weight > 0 and not model.mgt.content_head:
+        raise ValueError("loss.content_weight > 0 needs model.code_content (the MGT then gets its content_head)")
+    sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
 
     def loss(params, model_state, batch, rng):
         mask_rng, drop_rng = jax.random.split(rng)
@@ -243,7 +250,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             fraction,
             cond,
             model_state=model_state,
-            with_copy_score=grounding_weight > 0,
+            sown=sown,
         )
         logits = outputs[0].reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
@@ -260,7 +267,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             weights = weights + (edit_weight - 1.0) * changed_masked
         total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         if grounding_weight > 0:
-            copy_score = outputs[2].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
+            copy_score = outputs[2]["copy_score"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
             kept = (~changed_tokens).astype(jnp.float32)  # [B, L]
             bce = optax.sigmoid_binary_cross_entropy(copy_score, kept)  # [B, L]
             grounding = jnp.sum(bce * masked_f) / jnp.maximum(jnp.sum(masked_f), 1.0)
@@ -268,6 +275,13 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             metrics["grounding_loss"] = grounding
             metrics["grounding_accuracy"] = jnp.sum(agree * masked_f) / jnp.maximum(jnp.sum(masked_f), 1.0)
             total = total + grounding_weight * grounding
+        if content_weight > 0:
+            codes = standardize_code_features(model.code_features(model_state))  # [V, F]
+            predicted = outputs[2]["content_prediction"].reshape(batch_size, height * width, -1)  # [B, L, F]
+            squared = jnp.mean(jnp.square(predicted.astype(jnp.float32) - codes[labels]), axis=-1)  # [B, L]
+            content = jnp.sum(squared * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+            metrics["content_loss"] = content
+            total = total + content_weight * content
         metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
 
@@ -460,7 +474,7 @@ def attention_to_rgb(maps: np.ndarray) -> np.ndarray:
 def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: float, settings: SamplingSettings,
                    eval_threshold: float, init_params: PyTree | None = None,
                    edit_weight: float = 1.0, focus_prob: float = 0.0,
-                   grounding_weight: float = 0.0) -> Objective:  # fmt: skip
+                   grounding_weight: float = 0.0, content_weight: float = 0.0) -> Objective:  # fmt: skip
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
     'mgt' / 'text_encoder' params (a previous stage's run)."""
     edit_fn = make_edit_fn(model, settings)
@@ -525,6 +539,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
             edit_weight=edit_weight,
             focus_prob=focus_prob,
             grounding_weight=grounding_weight,
+            content_weight=content_weight,
         ),
         visualize=visualize,
         evaluate=evaluate,
@@ -598,6 +613,8 @@ def build_model(config) -> EditMGT:
     mgt_kwargs = module_kwargs(config.model)
     # `model.code_content` (bool) feeds the VQ codebook to the MGT (see MaskedGenerativeTransformer.code_content_dim).
     mgt_kwargs["code_content_dim"] = vq.code_dim if mgt_kwargs.pop("code_content", False) else 0
+    # The content head exists only in runs trained with its loss, so older checkpoints keep their parameter tree.
+    mgt_kwargs["content_head"] = float(config.loss.get("content_weight", 0.0)) > 0
     mgt = MaskedGenerativeTransformer(codebook_size=vq.codebook_size, **mgt_kwargs)
     size = int(config.data.size)
     if size % vq.downsample_factor:
@@ -657,6 +674,7 @@ def build_objective(config) -> Objective:
         edit_weight=float(config.loss.get("edit_weight", 1.0)),
         focus_prob=float(config.loss.get("focus_prob", 0.0)),
         grounding_weight=float(config.loss.get("grounding_weight", 0.0)),
+        content_weight=float(config.loss.get("content_weight", 0.0)),
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

@@ -85,6 +85,10 @@ class MaskedGenerativeTransformer(nn.Module):
         <q(hidden), k(code vector)> with an MLP key over the codebook. Not in Meissonic/EditMGT, whose code ids are
         opaque: with opaque ids a from-scratch model must learn "this code recolored" as a lookup per code and
         color; with content it can predict the look of the new block and let the head find the matching code.
+      content_head: with code content, also regress each position's target code vector (standardized, `[B, h, w,
+        F]`) from the final hidden state and sow it as 'content_prediction' (trained by `loss.content_weight`; not
+        used by the logits). Not in EditMGT: a squared error on the block's look gives partial credit for the right
+        new color with the wrong shape code, which the cross-entropy over code ids does not.
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -106,6 +110,7 @@ class MaskedGenerativeTransformer(nn.Module):
     source_skip: bool = False
     source_copy: bool = False
     code_content_dim: int = 0
+    content_head: bool = False
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -157,6 +162,10 @@ class MaskedGenerativeTransformer(nn.Module):
             self.content_key_in = Dense(self.embed_dim, (None, None), **kwargs)
             self.content_key_out = Dense(self.embed_dim, (None, None), **kwargs)
             self.content_query = Dense(self.embed_dim, ("embed", None), use_bias=False, **kwargs)
+        if self.content_head:
+            if not self.code_content_dim:
+                raise ValueError("content_head needs code_content_dim > 0")
+            self.content_regressor = Dense(self.code_content_dim, ("embed", None), **kwargs)
         if self.source_skip:
             self.source_skip_proj = Dense(width, (None, "embed"), use_bias=False,
                                           kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
@@ -169,8 +178,7 @@ class MaskedGenerativeTransformer(nn.Module):
             shape = None if code_features is None else tuple(code_features.shape)
             raise ValueError(f"code_content_dim={self.code_content_dim} needs code_features of shape "
                              f"{(self.codebook_size, self.code_content_dim)}, got {shape}")  # fmt: skip
-        features = jax.lax.stop_gradient(code_features.astype(jnp.float32))
-        return (features - features.mean(0)) / (features.std(0) + 1e-6)
+        return standardize_code_features(code_features)
 
     def _embed_tokens(self, tokens: jax.Array, codes: jax.Array | None) -> jax.Array:
         """tokens `[B, h, w]` -> `[B, h, w, D]`: the id embedding plus, with code content, its code vector's."""
@@ -284,6 +292,8 @@ class MaskedGenerativeTransformer(nn.Module):
             queries = self.content_query(hidden)  # [B, h, w, E]
             content = jnp.einsum("bhwe,ve->bhwv", queries, keys.astype(queries.dtype)) / np.sqrt(self.embed_dim)
             logits = logits + content.astype(logits.dtype)
+        if self.content_head:
+            self.sow("intermediates", "content_prediction", self.content_regressor(hidden))  # [B, h, w, F]
         if self.source_copy and cond_tokens is not None:
             copy_score = self.copy_head(hidden).astype(logits.dtype)  # [B, h, w, 1]
             self.sow("intermediates", "copy_score", copy_score[..., 0])  # a no-op unless 'intermediates' is mutable
@@ -297,6 +307,13 @@ class MaskedGenerativeTransformer(nn.Module):
 
     def block_name(self, layer: int) -> str:
         return block_scope_name(layer, self.num_layers)
+
+
+def standardize_code_features(code_features: jax.Array) -> jax.Array:
+    """`[V, F]` frozen codebook vectors standardized per feature: what code content embeds and `content_head`
+    predicts."""
+    features = jax.lax.stop_gradient(code_features.astype(jnp.float32))
+    return (features - features.mean(0)) / (features.std(0) + 1e-6)
 
 
 def captured_attention(model: MaskedGenerativeTransformer, intermediates: dict, layers: tuple[int, ...]) -> jax.Array:
