@@ -1,5 +1,7 @@
 """EditMGT pieces: text tokenizer, MGT conditioning/attention bias, masked loss, and the jitted edit function."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from editing_jax import config_lib
 from editing_jax.methods import editmgt
 from editing_jax.models.mgt import MaskedGenerativeTransformer, gamma_bias
 from editing_jax.models.vq import VQModel
@@ -430,3 +433,13 @@ def test_replace_params_takes_a_prefix_of_longer_position_tables_only():
         editmgt.replace_params(fresh, {"text_encoder": {"proj": long_table}})
     with pytest.raises(ValueError, match="position_embedding"):  # a shorter table cannot fill a longer one
         editmgt.replace_params({"position_embedding": jnp.zeros((5, 2))}, {"position_embedding": jnp.zeros((3, 2))})
+
+
+def test_build_model_adds_the_content_head_only_with_its_loss():
+    vq_config = config_lib.load_config("configs/tokenizer/vq.py:size=32,patch")
+    config = config_lib.load_config("configs/editmgt/edit.py:size=32,tiny")
+    config.tokenizer.model_json = json.dumps(vq_config.model.to_dict())
+    config.text.vocab = "make the red circle blue"
+    assert not editmgt.build_model(config).mgt.content_head
+    config.loss.content_weight = 1.0
+    assert editmgt.build_model(config).mgt.content_head
