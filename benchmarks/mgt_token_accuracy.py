@@ -3,7 +3,10 @@
   python benchmarks/mgt_token_accuracy.py --checkpoint workdir/editmgt32 --num 64
 
 Diagnoses whether a model has learned to copy unchanged regions (accuracy on 'unchanged' tokens should approach 1)
-separately from learning the edits ('changed', also per edit type).
+separately from learning the edits ('changed', also per edit type). For a model with a content head
+(`loss.content_weight` > 0) it also reports, on changed tokens per edit type, how often the regressed code vector is
+nearer the target token's vector than the source token's ('content_nearer_target') and how often its nearest code
+is the target ('content_nearest_code'): whether the hidden state knows the new look even where the logits copy.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
+    from editing_jax.models.mgt import standardize_code_features
 
     editor = inference.load_editor(args.checkpoint)
     model, params, state = editor.model, editor.params, editor.model_state
@@ -39,10 +43,11 @@ def main() -> None:
     for rate in (0.1, 0.5, 0.9, 1.0):
         masked = np.random.default_rng(0).random(target.shape) < rate
         inputs = jnp.where(masked, model.mgt.mask_token_id, target)
-        logits, _ = model.logits(params, inputs, (hidden, mask, pooled), jnp.full((args.num,), rate, jnp.float32),
-                                 cond if model.uses_condition else None, model_state=state)  # fmt: skip
-        correct = np.asarray(jnp.argmax(logits, -1)) == np.asarray(target)
-        rows[str(rate)] = {
+        outputs = model.logits(params, inputs, (hidden, mask, pooled), jnp.full((args.num,), rate, jnp.float32),
+                               cond if model.uses_condition else None, model_state=state,
+                               sown=("content_prediction",) if model.mgt.content_head else ())  # fmt: skip
+        correct = np.asarray(jnp.argmax(outputs[0], -1)) == np.asarray(target)
+        row = rows[str(rate)] = {
             "masked": float(correct[masked].mean()),
             "unchanged": float(correct[masked & ~changed].mean()),
             "changed": float(correct[masked & changed].mean()),
@@ -54,6 +59,21 @@ def main() -> None:
                 if selected.any()
             },
         }
+        if model.mgt.content_head:
+            codes = np.asarray(standardize_code_features(model.code_features(state)))  # [V, F]
+            predicted = np.asarray(outputs[2]["content_prediction"])  # [N, h, w, F]
+            distances = np.sum((predicted[..., None, :] - codes) ** 2, axis=-1)  # [N, h, w, V]
+            to_target = np.take_along_axis(distances, np.asarray(target)[..., None], -1)[..., 0]
+            to_source = np.take_along_axis(distances, np.asarray(cond)[..., None], -1)[..., 0]
+            for name, hit in (("content_nearer_target", to_target < to_source),
+                              ("content_nearest_code", distances.argmin(-1) == np.asarray(target))):  # fmt: skip
+                row[name] = {
+                    edit_type: float(hit[selected].mean())
+                    for edit_type, selected in (
+                        (t, masked & changed & (types == t)[:, None, None]) for t in sorted(set(types))
+                    )
+                    if selected.any()
+                }
     print(json.dumps({"command": f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} "
                       f"--num {args.num}", "step": editor.step, "accuracy": rows}))  # fmt: skip
 
