@@ -39,41 +39,34 @@ def main() -> None:
     hidden, pooled = model.encode_text(params, jnp.asarray(batch["text_ids"]), mask)
     changed = np.asarray(target != cond)  # [N, h, w]
     types = np.asarray([str(t) for t in batch["edit_type"]])  # [N]
+    codes = np.asarray(standardize_code_features(model.code_features(state))) if model.mgt.content_head else None
+
+    def changed_by_edit_type(hit: np.ndarray, masked: np.ndarray) -> dict[str, float]:
+        """Mean of `hit` `[N, h, w]` over the masked changed tokens of each edit type."""
+        selections = ((t, masked & changed & (types == t)[:, None, None]) for t in sorted(set(types)))
+        return {edit_type: float(hit[selected].mean()) for edit_type, selected in selections if selected.any()}
+
     rows = {}
     for rate in (0.1, 0.5, 0.9, 1.0):
         masked = np.random.default_rng(0).random(target.shape) < rate
         inputs = jnp.where(masked, model.mgt.mask_token_id, target)
         outputs = model.logits(params, inputs, (hidden, mask, pooled), jnp.full((args.num,), rate, jnp.float32),
                                cond if model.uses_condition else None, model_state=state,
-                               sown=("content_prediction",) if model.mgt.content_head else ())  # fmt: skip
+                               sown=("content_prediction",) if codes is not None else ())  # fmt: skip
         correct = np.asarray(jnp.argmax(outputs[0], -1)) == np.asarray(target)
         row = rows[str(rate)] = {
             "masked": float(correct[masked].mean()),
             "unchanged": float(correct[masked & ~changed].mean()),
             "changed": float(correct[masked & changed].mean()),
-            "changed_by_edit_type": {
-                edit_type: float(correct[selected].mean())
-                for edit_type, selected in (
-                    (t, masked & changed & (types == t)[:, None, None]) for t in sorted(set(types))
-                )
-                if selected.any()
-            },
+            "changed_by_edit_type": changed_by_edit_type(correct, masked),
         }
-        if model.mgt.content_head:
-            codes = np.asarray(standardize_code_features(model.code_features(state)))  # [V, F]
+        if codes is not None:
             predicted = np.asarray(outputs[2]["content_prediction"])  # [N, h, w, F]
             distances = np.sum((predicted[..., None, :] - codes) ** 2, axis=-1)  # [N, h, w, V]
             to_target = np.take_along_axis(distances, np.asarray(target)[..., None], -1)[..., 0]
             to_source = np.take_along_axis(distances, np.asarray(cond)[..., None], -1)[..., 0]
-            for name, hit in (("content_nearer_target", to_target < to_source),
-                              ("content_nearest_code", distances.argmin(-1) == np.asarray(target))):  # fmt: skip
-                row[name] = {
-                    edit_type: float(hit[selected].mean())
-                    for edit_type, selected in (
-                        (t, masked & changed & (types == t)[:, None, None]) for t in sorted(set(types))
-                    )
-                    if selected.any()
-                }
+            row["content_nearer_target"] = changed_by_edit_type(to_target < to_source, masked)
+            row["content_nearest_code"] = changed_by_edit_type(distances.argmin(-1) == np.asarray(target), masked)
     print(json.dumps({"command": f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} "
                       f"--num {args.num}", "step": editor.step, "accuracy": rows}))  # fmt: skip
 

@@ -277,6 +277,23 @@ def test_sampling_settings_validation():
     assert settings.num_steps == 7 and settings.filter == "gaussian"
 
 
+def _replay_loss_forward(model, params, state, device_batch, rng, sown=()):
+    """Recomputes the loss's forward by hand (cfg_dropout 0, same draws): target and source tokens `[B, L]`, the
+    masked positions `[B, L]` and `model.logits`' outputs."""
+    mask_rng, _ = jax.random.split(rng)
+    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
+    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
+    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
+    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
+    outputs = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled), fraction,
+                           source.reshape(2, 4, 4), model_state=state, sown=sown)  # fmt: skip
+    return target, source, masked, outputs
+
+
+def _gradient_mass(tree) -> float:
+    return sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(tree))
+
+
 def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
     model, _, variables, batch = _tiny_editor(source_copy=True)
     params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
@@ -285,13 +302,8 @@ def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
     plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
     grounded_loss = editmgt.make_loss(model, cfg_dropout=0.0, grounding_weight=2.0)
     grounded, aux = grounded_loss(params, state, device_batch, rng)
-    mask_rng, _ = jax.random.split(rng)
-    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
-    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
-    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
-    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
-    _, _, sown = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled),
-                              fraction, source.reshape(2, 4, 4), sown=("copy_score",))  # fmt: skip
+    target, source, masked, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng,
+                                                                 sown=("copy_score",))  # fmt: skip
     copy_score = sown["copy_score"]
     kept = (target == source).astype(jnp.float32)
     assert 0.0 < float(kept.mean()) < 1.0  # both labels occur
@@ -301,7 +313,7 @@ def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
     np.testing.assert_allclose(float(grounded) - float(plain), 2.0 * expected, rtol=1e-4)
     assert 0.0 <= float(aux.metrics["grounding_accuracy"]) <= 1.0
     grads = jax.grad(lambda p: grounded_loss(p, state, device_batch, rng)[1].metrics["grounding_loss"])(params)
-    assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["mgt"]["copy_head"])) > 0.0
+    assert _gradient_mass(grads["mgt"]["copy_head"]) > 0.0
     with pytest.raises(ValueError, match="grounding_weight"):
         editmgt.make_loss(_tiny_editor()[0], grounding_weight=1.0)  # no source_copy
 
@@ -314,13 +326,8 @@ def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors(
     plain, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
     content_loss = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, content_weight=0.5)
     total, aux = content_loss(params, state, device_batch, rng)
-    mask_rng, _ = jax.random.split(rng)
-    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
-    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
-    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
-    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
-    _, _, sown = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled), fraction,
-                              source.reshape(2, 4, 4), model_state=state, sown=("content_prediction",))  # fmt: skip
+    target, source, masked, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng,
+                                                                 sown=("content_prediction",))  # fmt: skip
     codebook = np.asarray(model.code_features(state), np.float64)  # [V, F]
     standardized = (codebook - codebook.mean(0)) / (codebook.std(0) + 1e-6)
     predicted = np.asarray(sown["content_prediction"], np.float64).reshape(2, 16, -1)
@@ -330,8 +337,8 @@ def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors(
     np.testing.assert_allclose(float(aux.metrics["content_loss"]), expected, rtol=1e-4)
     np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
     grads = jax.grad(lambda p: content_loss(p, state, device_batch, rng)[1].metrics["content_loss"])(params)
-    assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["mgt"]["content_regressor"])) > 0.0
-    assert sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(grads["text_encoder"])) > 0.0
+    assert _gradient_mass(grads["mgt"]["content_regressor"]) > 0.0
+    assert _gradient_mass(grads["text_encoder"]) > 0.0
     with pytest.raises(ValueError, match="content_weight"):
         editmgt.make_loss(_tiny_editor(code_content=True)[0], content_weight=1.0)  # no content head
     with pytest.raises(ValueError, match="content_head needs code_content_dim"):
@@ -345,13 +352,7 @@ def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
     rng = jax.random.key(4)
     plain, plain_aux = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
     weighted, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
-    mask_rng, _ = jax.random.split(rng)
-    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
-    source = model.encode_images(state, device_batch["source_image"]).reshape(2, -1)
-    inputs, masked, fraction = editmgt._mask_tokens(mask_rng, target, 16)
-    hidden, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
-    logits, _ = model.logits(params, inputs.reshape(2, 4, 4), (hidden, device_batch["text_mask"], pooled), fraction,
-                             source.reshape(2, 4, 4))  # fmt: skip
+    target, source, masked, (logits, _) = _replay_loss_forward(model, params, state, device_batch, rng)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.reshape(2, 16, 16), target)
     weights = masked * (1.0 + 2.0 * (target != source))
     np.testing.assert_allclose(float(weighted), float(jnp.sum(ce * weights) / jnp.sum(weights)), rtol=1e-5)
