@@ -33,6 +33,7 @@ from editing_jax.nn.transformer import (
     Dense,
     DoubleStreamBlock,
     SingleStreamBlock,
+    TextCrossAttention,
     block_scope_name,
     stack_captured_attention,
 )
@@ -89,6 +90,10 @@ class MaskedGenerativeTransformer(nn.Module):
         F]`) from the final hidden state and sow it as 'content_prediction' (trained by `loss.content_weight`; not
         used by the logits). Not in EditMGT: a squared error on the block's look gives partial credit for the right
         new color with the wrong shape code, which the cross-entropy over code ids does not.
+      text_cross_attention: after each double-stream block, image tokens also read the text through
+        `TextCrossAttention` (a softmax over [null; text] of their own, values carrying the pooled instruction). Not in
+        Meissonic/EditMGT: with joint attention alone a from-scratch model leaves a named object's tokens copied
+        (docs/RESULTS.md, EditMGT: "The hidden state never learns the new look").
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -111,6 +116,7 @@ class MaskedGenerativeTransformer(nn.Module):
     source_copy: bool = False
     code_content_dim: int = 0
     content_head: bool = False
+    text_cross_attention: bool = False
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -150,6 +156,9 @@ class MaskedGenerativeTransformer(nn.Module):
             **kwargs,
         )
         self.transformer_blocks = [DoubleStreamBlock(**block_kwargs) for _ in range(self.num_layers)]
+        if self.text_cross_attention:
+            self.text_cross_blocks = [TextCrossAttention(self.num_heads, self.head_dim, **kwargs)
+                                      for _ in range(self.num_layers)]  # fmt: skip
         self.single_transformer_blocks = [SingleStreamBlock(**block_kwargs) for _ in range(self.num_single_layers)]
         self.mlm_layer = uvit.ConvMlmLayer(self.embed_dim, self.codebook_size, **kwargs)
         if self.source_concat:
@@ -279,6 +288,8 @@ class MaskedGenerativeTransformer(nn.Module):
                 attention_bias=bias,
                 capture_attention=layer in capture_layers,
             )
+            if self.text_cross_attention and layer < self.num_layers:
+                hidden = hidden + self.text_cross_blocks[layer](hidden, context, text_mask, pooled)
 
         hidden = self.project_from_hidden(self.project_from_hidden_norm(hidden))  # [B, g, D]
         hidden = hidden.reshape(batch, grid_h, grid_w, -1)

@@ -545,6 +545,78 @@ class SingleStreamBlock(_BlockFields):
         return hidden_out, context_out, cond_out
 
 
+class TextCrossAttention(nn.Module):
+    """Image tokens read the text through a softmax of their own, with a learned null key (not in Flux/EditMGT).
+
+    In joint attention an image token's few text keys compete with every image and condition key, and its output
+    mixes word states; a per-object edit ("make the red circle blue") needs the *named object's* tokens to receive
+    the *instruction's* new attribute while the others receive nothing. Here each image token attends over
+    [null; text] only: the null key has a zero value, so `1 - p(null)` is a learned per-token "the text is about me"
+    gate, and every text value also carries a projection of the pooled instruction embedding, so a token that matches
+    the referring words receives the whole instruction (verb, new attribute), not just the word it matched:
+
+      out_i = to_out(sum_j p_ij (to_v(t_j) + pooled_to_v(pooled)))    with p_i = softmax over [null; text].
+
+    Queries and keys are per-head RMS-normalized (no RoPE); `to_out` starts at zero, so a fresh module adds nothing.
+    The per-token gate `1 - p(null)`, averaged over heads (`[B, Li]`), is sown as 'intermediates'/'text_gate'.
+
+    Attributes:
+      num_heads, head_dim: attention shape.
+      dtype: activation/computation dtype; param_dtype: stored weight dtype.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, context: jax.Array, context_mask: jax.Array, pooled: jax.Array) -> jax.Array:
+        """Returns the residual update of the image tokens.
+
+        Args:
+          hidden: image tokens `[B, Li, D]`.
+          context: text tokens `[B, Lt, D]`.
+          context_mask: `[B, Lt]` bool, real text positions.
+          pooled: pooled instruction embedding `[B, P]`.
+
+        Returns:
+          `[B, Li, D]`, to be added to `hidden`.
+        """
+        batch, length, dim = hidden.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        inner = heads * head_dim
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def norm(name: str) -> nn.RMSNorm:
+            return _rms_norm(NORM_EPSILON, name=name, **kwargs)
+
+        query = Dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kwargs)(_layer_norm(hidden))
+        query = norm("norm_q")(query.reshape(batch, length, heads, head_dim))  # [B, Li, H, Dh]
+        text = _layer_norm(context)  # [B, Lt, D]
+        key = Dense(inner, ("embed", "heads"), use_bias=False, name="to_k", **kwargs)(text)
+        key = norm("norm_k")(key.reshape(*context.shape[:2], heads, head_dim))  # [B, Lt, H, Dh]
+        value = Dense(inner, ("embed", "heads"), name="to_v", **kwargs)(text)  # [B, Lt, H * Dh]
+        value = value + Dense(inner, (None, "heads"), use_bias=False, name="pooled_to_v", **kwargs)(pooled)[:, None]
+        value = value.reshape(*context.shape[:2], heads, head_dim)  # [B, Lt, H, Dh]
+        null_key = self.param(
+            "null_key", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "kv")), (heads, head_dim)
+        )  # [H, Dh]
+
+        scale = jnp.float32(head_dim**-0.5)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(context_mask[:, None, None, :], logits, -1e9)  # [B, H, Li, Lt]
+        null_logit = jnp.einsum("bqhd,hd->bhq", query, null_key.astype(query.dtype),
+                                preferred_element_type=jnp.float32)[..., None] * scale  # fmt: skip
+        probs = jax.nn.softmax(jnp.concatenate([null_logit, logits], axis=-1), axis=-1)  # [B, H, Li, 1 + Lt]
+        self.sow("intermediates", "text_gate", 1.0 - probs[..., 0].mean(axis=1))  # [B, Li]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., 1:].astype(value.dtype), value)  # [B, Li, H, Dh]
+        out = Dense(dim, ("heads", "embed"), kernel_init=nn.initializers.zeros_init(), name="to_out", **kwargs)(
+            out.reshape(batch, length, inner)
+        )  # [B, Li, D]
+        return constrain_batch(out.astype(self.dtype))
+
+
 def block_scope_name(layer: int, num_double_blocks: int) -> str:
     """Scope of global block `layer` in a stack of double blocks followed by single blocks (diffusers' names)."""
     if layer < num_double_blocks:

@@ -1,0 +1,133 @@
+"""TextCrossAttention: image tokens read the text through their own softmax over [null; text]."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from editing_jax.models.mgt import MaskedGenerativeTransformer
+from editing_jax.nn.transformer import TextCrossAttention
+
+HEADS, HEAD_DIM, WIDTH = 2, 4, 8
+
+
+def _inputs(seed=0, batch=2, image_len=5, text_len=6):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(batch, image_len, WIDTH)).astype(np.float32)
+    context = rng.normal(size=(batch, text_len, WIDTH)).astype(np.float32)
+    mask = np.ones((batch, text_len), bool)
+    mask[1, 4:] = False  # the second row has two padded positions
+    pooled = rng.normal(size=(batch, 3)).astype(np.float32)
+    return hidden, context, mask, pooled
+
+
+def _randomized_params(module, inputs, seed=1):
+    """Init, then replace every leaf (the zero `to_out` and `null_key` included) with random values."""
+    params = module.init(jax.random.key(0), *inputs)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(nn.meta.unbox(params))
+    rng = np.random.default_rng(seed)
+    leaves = [rng.normal(scale=0.5, size=leaf.shape).astype(np.float32) for leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _reference(params, hidden, context, mask, pooled):
+    """float64 NumPy version of the documented formula."""
+
+    def layer_norm(x):
+        x = x.astype(np.float64)
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+
+    def rms(x, scale):
+        return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * scale
+
+    p = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float64), params)
+    batch, length, _ = hidden.shape
+    query = rms((layer_norm(hidden) @ p["to_q"]["kernel"]).reshape(batch, length, HEADS, HEAD_DIM),
+                p["norm_q"]["scale"])  # fmt: skip
+    text = layer_norm(context)
+    key = rms((text @ p["to_k"]["kernel"]).reshape(batch, -1, HEADS, HEAD_DIM), p["norm_k"]["scale"])
+    value = text @ p["to_v"]["kernel"] + p["to_v"]["bias"] + (pooled @ p["pooled_to_v"]["kernel"])[:, None]
+    value = value.reshape(batch, -1, HEADS, HEAD_DIM)
+    logits = np.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(HEAD_DIM)
+    logits = np.where(mask[:, None, None, :], logits, -np.inf)
+    null = np.einsum("bqhd,hd->bhq", query, p["null_key"])[..., None] / np.sqrt(HEAD_DIM)
+    full = np.concatenate([null, logits], -1)
+    probs = np.exp(full - full.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", probs[..., 1:], value).reshape(batch, length, -1)
+    return out @ p["to_out"]["kernel"] + p["to_out"]["bias"], 1.0 - probs[..., 0].mean(1)
+
+
+def test_matches_a_float64_reference_with_null_gate():
+    module = TextCrossAttention(HEADS, HEAD_DIM)
+    inputs = _inputs()
+    params = _randomized_params(module, inputs)
+    out, state = module.apply({"params": params}, *inputs, mutable=["intermediates"])
+    expected, expected_gate = _reference(params, *inputs)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state["intermediates"]["text_gate"][0]), expected_gate, atol=1e-6)
+
+
+def test_padded_text_is_ignored_and_the_gate_counts_real_words():
+    module = TextCrossAttention(HEADS, HEAD_DIM)
+    hidden, context, mask, pooled = _inputs()
+    params = _randomized_params(module, (hidden, context, mask, pooled))
+    out = module.apply({"params": params}, hidden, context, mask, pooled)
+    changed = context.copy()
+    changed[1, 4:] += 100.0  # only padded positions of row 1
+    out_changed = module.apply({"params": params}, hidden, changed, mask, pooled)
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(out_changed[1]))
+    changed[0] = -changed[0]  # real words of row 0 (the layer norm ignores a shift, not a sign flip)
+    out_changed = module.apply({"params": params}, hidden, changed, mask, pooled)
+    assert not np.allclose(np.asarray(out[0]), np.asarray(out_changed[0]))
+
+    # With every logit 0 the gate is the share of real words among [null; words].
+    params["norm_k"]["scale"] = np.zeros(HEAD_DIM, np.float32)
+    params["null_key"] = np.zeros((HEADS, HEAD_DIM), np.float32)
+    _, state = module.apply({"params": params}, hidden, context, mask, pooled, mutable=["intermediates"])
+    gate = np.asarray(state["intermediates"]["text_gate"][0])  # all logits 0: 1 - 1/(1 + L_real)
+    np.testing.assert_allclose(gate[0], 6 / 7, atol=1e-6)
+    np.testing.assert_allclose(gate[1], 4 / 5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mgt_pair():
+    kwargs = dict(codebook_size=16, num_layers=2, num_single_layers=1, num_heads=2, head_dim=8, embed_dim=8,
+                  axes_dims_rope=(2, 2, 4))  # fmt: skip
+    return MaskedGenerativeTransformer(**kwargs), MaskedGenerativeTransformer(text_cross_attention=True, **kwargs)
+
+
+def _mgt_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, 17, size=(2, 4, 4)), jnp.int32)
+    cond = jnp.asarray(rng.integers(0, 16, size=(2, 4, 4)), jnp.int32)
+    text = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    mask = jnp.ones((2, 5), bool)
+    pooled = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    return (tokens, text, mask, pooled, jnp.full((2,), 0.5), jnp.zeros((2, 5))), cond
+
+
+def test_a_fresh_cross_attention_leaves_the_mgt_unchanged_and_then_reads_the_text(mgt_pair):
+    plain, crossed = mgt_pair
+    args, cond = _mgt_inputs()
+    params = crossed.init(jax.random.key(0), *args, cond_tokens=cond)["params"]
+    assert {f"text_cross_blocks_{i}" for i in range(2)} <= set(params)
+    without = {name: value for name, value in params.items() if not name.startswith("text_cross_blocks")}
+    assert set(plain.init(jax.random.key(0), *args, cond_tokens=cond)["params"]) == set(without)
+    np.testing.assert_array_equal(
+        np.asarray(crossed.apply({"params": params}, *args, cond_tokens=cond)),
+        np.asarray(plain.apply({"params": without}, *args, cond_tokens=cond)),
+    )
+    # With a trained (non-zero) output projection the text reaches the logits through the new path.
+    params = nn.meta.unbox(params)
+    params["text_cross_blocks_1"]["to_out"]["kernel"] = jnp.ones_like(params["text_cross_blocks_1"]["to_out"]["kernel"])
+    other_text = (args[0], args[1] + 1.0, *args[2:])
+    changed = crossed.apply({"params": params}, *other_text, cond_tokens=cond) - crossed.apply(
+        {"params": params}, *args, cond_tokens=cond
+    )
+    without = {name: value for name, value in params.items() if not name.startswith("text_cross_blocks")}
+    changed_plain = plain.apply({"params": without}, *other_text, cond_tokens=cond) - plain.apply(
+        {"params": without}, *args, cond_tokens=cond
+    )
+    assert float(jnp.abs(changed - changed_plain).max()) > 1e-3
