@@ -7,6 +7,8 @@ separately from learning the edits ('changed', also per edit type). For a model 
 (`loss.content_weight` > 0) it also reports, on changed tokens per edit type, how often the regressed code vector is
 nearer the target token's vector than the source token's ('content_nearer_target') and how often its nearest code
 is the target ('content_nearest_code'): whether the hidden state knows the new look even where the logits copy.
+For a model with text cross-attention (`model.text_cross_attention`) it reports, per block and edit type, the AUROC
+of each image token's text gate (1 - p(null)) against the changed tokens ('text_gate_auroc'; 0.5 = no grounding).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+from failure_breakdown import auroc
 
 
 def main() -> None:
@@ -41,6 +44,25 @@ def main() -> None:
     types = np.asarray([str(t) for t in batch["edit_type"]])  # [N]
     codes = np.asarray(standardize_code_features(model.code_features(state))) if model.mgt.content_head else None
 
+    gates = (
+        [f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)]
+        if model.mgt.text_cross_attention
+        else []
+    )
+    sown = (("content_prediction",) if codes is not None else ()) + tuple(gates)
+
+    def gate_auroc(gate: np.ndarray) -> dict[str, float]:
+        """AUROC of a gate `[N, g]` (upsampled to the token grid) against the changed tokens, per edit type."""
+        side = int(round(np.sqrt(gate.shape[1])))
+        factor = changed.shape[1] // side
+        gate = np.repeat(np.repeat(gate.reshape(-1, side, side), factor, 1), factor, 2)  # [N, h, w]
+        result = {}
+        for edit_type in sorted(set(types)):
+            rows = types == edit_type
+            if changed[rows].any() and not changed[rows].all():
+                result[edit_type] = auroc(gate[rows].reshape(-1), changed[rows].reshape(-1))
+        return result
+
     def changed_by_edit_type(hit: np.ndarray, masked: np.ndarray) -> dict[str, float]:
         """Mean of `hit` `[N, h, w]` over the masked changed tokens of each edit type."""
         selections = ((t, masked & changed & (types == t)[:, None, None]) for t in sorted(set(types)))
@@ -52,7 +74,7 @@ def main() -> None:
         inputs = jnp.where(masked, model.mgt.mask_token_id, target)
         outputs = model.logits(params, inputs, (hidden, mask, pooled), jnp.full((args.num,), rate, jnp.float32),
                                cond if model.uses_condition else None, model_state=state,
-                               sown=("content_prediction",) if codes is not None else ())  # fmt: skip
+                               sown=sown)  # fmt: skip
         correct = np.asarray(jnp.argmax(outputs[0], -1)) == np.asarray(target)
         row = rows[str(rate)] = {
             "masked": float(correct[masked].mean()),
@@ -67,6 +89,8 @@ def main() -> None:
             to_source = np.take_along_axis(distances, np.asarray(cond)[..., None], -1)[..., 0]
             row["content_nearer_target"] = changed_by_edit_type(to_target < to_source, masked)
             row["content_nearest_code"] = changed_by_edit_type(distances.argmin(-1) == np.asarray(target), masked)
+        if gates:
+            row["text_gate_auroc"] = {name.split("/")[0]: gate_auroc(np.asarray(outputs[2][name])) for name in gates}
     print(json.dumps({"command": f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} "
                       f"--num {args.num}", "step": editor.step, "accuracy": rows}))  # fmt: skip
 

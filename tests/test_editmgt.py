@@ -166,7 +166,7 @@ def test_editmgt_feeds_the_vq_codebook_as_code_content():
     assert out["images"].shape == (2, 8, 8, 3)
 
 
-def _tiny_editor(stage="edit", code_content=False, source_copy=False, content_head=False):
+def _tiny_editor(stage="edit", code_content=False, source_copy=False, content_head=False, text_cross=False):
     vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
                  latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
@@ -174,7 +174,8 @@ def _tiny_editor(stage="edit", code_content=False, source_copy=False, content_he
     mgt = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
                                       zero_init_modulation=False, code_content_dim=4 if code_content else 0,
-                                      source_copy=source_copy, content_head=content_head)  # fmt: skip
+                                      source_copy=source_copy, content_head=content_head,
+                                      text_cross_attention=text_cross)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
@@ -444,3 +445,20 @@ def test_build_model_adds_the_content_head_only_with_its_loss():
     assert not editmgt.build_model(config).mgt.content_head
     config.loss.content_weight = 1.0
     assert editmgt.build_model(config).mgt.content_head
+
+
+def test_logits_return_a_submodule_value_by_path():
+    model, _, variables, batch = _tiny_editor(text_cross=True)
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    mask = jnp.asarray(batch["text_mask"])
+    hidden, pooled = model.encode_text(params, jnp.asarray(batch["text_ids"]), mask)
+    text = (hidden, mask, pooled)
+    tokens = jnp.full((2, 4, 4), model.mgt.mask_token_id, jnp.int32)
+    source = model.encode_images(state, jnp.asarray(batch["source_image"]))
+    _, _, sown = model.logits(params, tokens, text, jnp.ones((2,)), source, model_state=state,
+                              sown=("text_cross_blocks_0/text_gate",))  # fmt: skip
+    gate = np.asarray(sown["text_cross_blocks_0/text_gate"])
+    assert gate.shape == (2, 4) and np.all((gate > 0) & (gate < 1))  # [B, g]: the 4x4 grid downsampled to 2x2
+    with pytest.raises(ValueError, match="text_cross_attention"):
+        model.logits(params, tokens, text, jnp.ones((2,)), source, model_state=state,
+                     sown=("text_cross_blocks_1/text_gate",))  # fmt: skip

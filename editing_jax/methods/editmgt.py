@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -139,7 +139,8 @@ class EditMGT:
     ) -> tuple[jax.Array, ...]:
         """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`
         (else None); with `sown` names, also a dict of those sown values: 'copy_score' `[B, h, w]` (needs
-        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`).
+        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`), a submodule's
+        value by path, e.g. 'text_cross_blocks_1/text_gate' `[B, g]` (needs `text_cross_attention`).
 
         `model_state` (the frozen tokenizer) is needed when the MGT reads code content (`code_content_dim > 0`).
         """
@@ -155,11 +156,17 @@ class EditMGT:
         probs = captured_attention(self.mgt, intermediates, capture_layers) if capture_layers else None
         if not sown:
             return logits, probs
-        missing = [name for name in sown if name not in intermediates]
-        if missing:
-            raise ValueError(f"the model sowed no {missing}: 'copy_score' needs source_copy and cond_tokens, "
-                             "'content_prediction' needs content_head")  # fmt: skip
-        return logits, probs, {name: intermediates[name][0] for name in sown}
+        values = {}
+        for name in sown:
+            value = intermediates
+            for part in name.split("/"):
+                value = value.get(part) if isinstance(value, Mapping) else None
+            if value is None:
+                raise ValueError(f"the model sowed no {name!r}: 'copy_score' needs source_copy and cond_tokens, "
+                                 "'content_prediction' needs content_head, 'text_cross_blocks_i/text_gate' needs "
+                                 "text_cross_attention")  # fmt: skip
+            values[name] = value[0]
+        return logits, probs, values
 
 
 def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Batch:
