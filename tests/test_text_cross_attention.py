@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from editing_jax.models.flow_dit import FlowDiT, latent_image_ids
 from editing_jax.models.mgt import MaskedGenerativeTransformer
 from editing_jax.nn.transformer import TextCrossAttention
 
@@ -131,3 +132,22 @@ def test_a_fresh_cross_attention_leaves_the_mgt_unchanged_and_then_reads_the_tex
         {"params": without}, *args, cond_tokens=cond
     )
     assert float(jnp.abs(changed - changed_plain).max()) > 1e-3
+
+
+def test_flow_dit_cross_attention_starts_as_the_plain_model_and_covers_reference_tokens():
+    kwargs = dict(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8, axes_dims_rope=(2, 2, 4),
+                  zero_init_output=False, zero_init_modulation=False)  # fmt: skip
+    plain, crossed = FlowDiT(**kwargs), FlowDiT(text_cross_attention=True, **kwargs)
+    rng = np.random.default_rng(0)
+    x, ref = (jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32) for _ in range(2))
+    text, pooled = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32), jnp.asarray(rng.normal(size=(2, 5)))
+    args = (x, text, pooled, jnp.full((2,), 0.5), latent_image_ids(2, 2), np.zeros((3, 3), np.float32))
+    ref_kwargs = dict(ref_hidden=ref, ref_ids=latent_image_ids(2, 2, index=1))
+    params = nn.meta.unbox(crossed.init(jax.random.key(0), *args, **ref_kwargs)["params"])
+    without = {name: value for name, value in params.items() if name != "text_cross_blocks_0"}
+    np.testing.assert_array_equal(
+        np.asarray(crossed.apply({"params": params}, *args, **ref_kwargs)),
+        np.asarray(plain.apply({"params": without}, *args, **ref_kwargs)),
+    )
+    _, state = crossed.apply({"params": params}, *args, **ref_kwargs, mutable=["intermediates"])
+    assert state["intermediates"]["text_cross_blocks_0"]["text_gate"][0].shape == (2, 8)  # target + reference

@@ -47,6 +47,7 @@ def get_config(arg=None):
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "zero_init_output": True,
+            "text_cross_attention": False,  # not in Flux; see FlowDiT.text_cross_attention
             "lora_rank": 0,  # Full fine-tuning here; GRPO adds LoRA adapters on top of this run.
             "dtype": "float32",
             "param_dtype": "float32",

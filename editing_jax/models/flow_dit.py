@@ -53,6 +53,7 @@ from editing_jax.nn.transformer import (
     Dense,
     DoubleStreamBlock,
     SingleStreamBlock,
+    TextCrossAttention,
     block_scope_name,
     modulate,
     stack_captured_attention,
@@ -149,6 +150,9 @@ class FlowDiT(nn.Module):
       token_focus_tokens: soft tokens xi per focused block (0 disables token focus).
       token_focus_layers: global block indices with token focus (empty = every block).
       token_focus_relaxation, token_focus_temperature, token_focus_gate_init: see `TokenFocus`.
+      text_cross_attention: after each double-stream block, the image tokens (target and reference) also read the
+        text through `nn.transformer.TextCrossAttention` (own softmax over [null; text], values carrying the pooled
+        text). Not in Flux; see `MaskedGenerativeTransformer.text_cross_attention`.
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
 
@@ -171,6 +175,7 @@ class FlowDiT(nn.Module):
     token_focus_relaxation: str = "straight_through"
     token_focus_temperature: float = 1.0
     token_focus_gate_init: float = 0.0
+    text_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -230,7 +235,8 @@ class FlowDiT(nn.Module):
           ref_ids: `[Lr, 3]` position ids of the reference tokens (`latent_image_ids(hr, wr, index=1)`).
           capture_layers: global block indices (double blocks first) whose attention probabilities over
             [text; target; reference] are sown into 'intermediates' (`<block_name>/attn/attention_probs`).
-          txt_mask: `[B, Lt]` bool, the real text tokens; only token focus uses it (Flux attends without a mask).
+          txt_mask: `[B, Lt]` bool, the real text tokens; only token focus and text cross-attention use it (Flux
+            attends without a mask).
 
         Returns:
           Velocity `[B, L, C_out]` for the target tokens (in `dtype`).
@@ -282,6 +288,11 @@ class FlowDiT(nn.Module):
             block_cls = DoubleStreamBlock if layer < self.num_layers else SingleStreamBlock
             block = block_cls(name=self.block_name(layer), **block_kwargs)
             x, context, _ = block(x, context, temb, rope, capture_attention=layer in capture_layers)
+            if self.text_cross_attention and layer < self.num_layers:
+                mask = jnp.ones(context.shape[:2], bool) if txt_mask is None else txt_mask
+                x = x + TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}", **kwargs)(
+                    x, context, mask, pooled
+                )  # [B, L (+ Lr), D]
 
         x = x[:, :target_len]  # [B, L, D]: reference outputs are dropped
         scale, shift = AdaLNModulation(2, self.zero_init_modulation, name="norm_out", **kwargs)(temb)  # [B, D] each
