@@ -346,6 +346,32 @@ def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors(
         _tiny_editor(content_head=True)
 
 
+def test_text_gate_loss_is_bce_of_the_gates_against_changed_grid_cells():
+    model, _, variables, batch = _tiny_editor(text_cross=True)
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    rng = jax.random.key(7)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
+    gate_loss = editmgt.make_loss(model, cfg_dropout=0.0, text_gate_weight=0.5)
+    total, aux = gate_loss(params, state, device_batch, rng)
+    target, source, _, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng,
+                                                            sown=("text_cross_blocks_0/text_gate",))  # fmt: skip
+    changed = np.asarray(target != source).reshape(2, 2, 2, 2, 2)  # [B, g_row, 2, g_col, 2]
+    cells = changed.any(axis=(2, 4)).reshape(2, 4).astype(np.float64)  # the 2x2 grid after downsampling
+    gate = np.asarray(sown["text_cross_blocks_0/text_gate"], np.float64)  # [B, 4]
+    expected = float(np.mean(-(cells * np.log(gate) + (1 - cells) * np.log1p(-gate))))
+    np.testing.assert_allclose(float(aux.metrics["text_gate_loss"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
+    grads = jax.grad(lambda p: gate_loss(p, state, device_batch, rng)[1].metrics["text_gate_loss"])(params)
+    assert _gradient_mass(grads["mgt"]["text_cross_blocks_0"]["to_q"]) > 0.0
+    assert _gradient_mass(grads["text_encoder"]) > 0.0
+    # Rows whose text is dropped (classifier-free guidance) are left out: with every row dropped the loss is 0.
+    _, dropped = editmgt.make_loss(model, cfg_dropout=1.0, text_gate_weight=0.5)(params, state, device_batch, rng)
+    assert float(dropped.metrics["text_gate_loss"]) == 0.0
+    with pytest.raises(ValueError, match="text_gate_weight"):
+        editmgt.make_loss(_tiny_editor()[0], text_gate_weight=1.0)  # no text cross-attention
+
+
 def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
     model, _, variables, batch = tiny_editor
     params, state = variables["params"], {"tokenizer": variables["tokenizer"]}

@@ -217,7 +217,7 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
-              grounding_weight: float = 0.0, content_weight: float = 0.0):  # fmt: skip
+              grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -229,12 +229,20 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     (needs `model.source_copy`; edit stage only; not in EditMGT). `content_weight` > 0 adds the squared error of
     the MGT's `content_head` prediction against the target token's standardized code vector (mean over features),
     weighted like the cross-entropy (masked tokens, changed ones by `edit_weight`; not in EditMGT).
+    `text_gate_weight` > 0 supervises where the text is read: the binary cross-entropy of every text cross-attention
+    block's gate (`1 - p(null)` per grid position, `nn.transformer.TextCrossAttention`) against "a token of this grid
+    cell changes" (source vs target tokens), over all positions of the rows that kept their text (needs
+    `model.text_cross_attention`; edit stage only; not in EditMGT).
     """
     if grounding_weight > 0 and not (model.uses_condition and model.mgt.source_copy):
         raise ValueError("loss.grounding_weight > 0 needs the edit stage and model.source_copy")
     if content_weight > 0 and not model.mgt.content_head:
         raise ValueError("loss.content_weight > 0 needs model.code_content (the MGT then gets its content_head)")
+    if text_gate_weight > 0 and not (model.uses_condition and model.mgt.text_cross_attention):
+        raise ValueError("loss.text_gate_weight > 0 needs the edit stage and model.text_cross_attention")
+    gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
     sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
+    sown += gates
 
     def loss(params, model_state, batch, rng):
         mask_rng, drop_rng = jax.random.split(rng)
@@ -289,6 +297,22 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             content = jnp.sum(squared * weights) / jnp.maximum(jnp.sum(weights), 1.0)
             metrics["content_loss"] = content
             total = total + content_weight * content
+        if gates:
+            cells = changed_tokens.reshape(batch_size, height, width)
+            if model.mgt.downsample:  # a grid cell changes when any of its 2x2 tokens does
+                cells = cells.reshape(batch_size, height // 2, 2, width // 2, 2).any(axis=(2, 4))
+            cells = cells.reshape(batch_size, -1).astype(jnp.float32)  # [B, g]
+            rows = (~drop).astype(jnp.float32)[:, None]  # [B, 1]: rows whose text was dropped read nothing
+            gate_losses, gate_agree = [], []
+            for name in gates:
+                gate = jnp.clip(outputs[2][name].astype(jnp.float32), 1e-6, 1 - 1e-6)  # [B, g]
+                bce = -(cells * jnp.log(gate) + (1 - cells) * jnp.log1p(-gate))  # [B, g]
+                gate_losses.append(jnp.sum(bce * rows) / jnp.maximum(jnp.sum(rows) * cells.shape[1], 1.0))
+                gate_agree.append(jnp.sum(((gate > 0.5) == (cells > 0.5)) * rows) / jnp.maximum(
+                    jnp.sum(rows) * cells.shape[1], 1.0))  # fmt: skip
+            metrics["text_gate_loss"] = sum(gate_losses) / len(gates)
+            metrics["text_gate_accuracy"] = gate_agree[-1]
+            total = total + text_gate_weight * metrics["text_gate_loss"]
         metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
 
@@ -480,10 +504,10 @@ def attention_to_rgb(maps: np.ndarray) -> np.ndarray:
 
 def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: float, settings: SamplingSettings,
                    eval_threshold: float, init_params: PyTree | None = None,
-                   edit_weight: float = 1.0, focus_prob: float = 0.0,
-                   grounding_weight: float = 0.0, content_weight: float = 0.0) -> Objective:  # fmt: skip
+                   loss_options: dict[str, float] | None = None) -> Objective:  # fmt: skip
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
-    'mgt' / 'text_encoder' params (a previous stage's run)."""
+    'mgt' / 'text_encoder' params (a previous stage's run); `loss_options` are `make_loss`'s weights (edit_weight,
+    focus_prob, grounding_weight, content_weight, text_gate_weight)."""
     edit_fn = make_edit_fn(model, settings)
     if not model.uses_condition:
         eval_threshold = 0.0  # t2i has no source to hold regions of
@@ -540,14 +564,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     return Objective(
         name=f"editmgt_{model.stage}",
         init=init,
-        loss=make_loss(
-            model,
-            cfg_dropout=cfg_dropout,
-            edit_weight=edit_weight,
-            focus_prob=focus_prob,
-            grounding_weight=grounding_weight,
-            content_weight=content_weight,
-        ),
+        loss=make_loss(model, cfg_dropout=cfg_dropout, **(loss_options or {})),
         visualize=visualize,
         evaluate=evaluate,
         prepare_batch=model.prepare_batch,
@@ -678,10 +695,7 @@ def build_objective(config) -> Objective:
         model,
         frozen,
         cfg_dropout=float(config.loss.cfg_dropout),
-        edit_weight=float(config.loss.get("edit_weight", 1.0)),
-        focus_prob=float(config.loss.get("focus_prob", 0.0)),
-        grounding_weight=float(config.loss.get("grounding_weight", 0.0)),
-        content_weight=float(config.loss.get("content_weight", 0.0)),
+        loss_options={name: float(value) for name, value in config.loss.items() if name != "cfg_dropout"},
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,
