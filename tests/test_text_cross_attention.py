@@ -92,6 +92,26 @@ def test_padded_text_is_ignored_and_the_gate_counts_real_words():
     np.testing.assert_allclose(gate[1], 4 / 5, atol=1e-6)
 
 
+def test_positions_let_identical_tokens_read_the_text_differently():
+    from editing_jax.nn.attention import grid_position_ids
+
+    module = TextCrossAttention(HEADS, HEAD_DIM)
+    _, context, mask, pooled = _inputs()
+    same = np.broadcast_to(np.random.default_rng(3).normal(size=(1, 1, WIDTH)), (2, 4, WIDTH)).astype(np.float32)
+    positions = grid_position_ids(2, 2)  # [4, 3]
+    params = _randomized_params(module, (same, context, mask, pooled, positions))
+    assert "position_proj" in params
+    out = np.asarray(module.apply({"params": params}, same, context, mask, pooled, positions))
+    assert np.abs(out[:, 1:] - out[:, :1]).max() > 1e-3  # the four grid cells differ
+    no_positions = {name: value for name, value in params.items() if name != "position_proj"}
+    out = np.asarray(module.apply({"params": no_positions}, same, context, mask, pooled))
+    np.testing.assert_allclose(out[:, 1:], np.broadcast_to(out[:, :1], out[:, 1:].shape), atol=1e-6)
+    with pytest.raises(ValueError, match="text_cross_positions needs"):
+        MaskedGenerativeTransformer(codebook_size=4, text_cross_positions=True).init(
+            jax.random.key(0), *_mgt_inputs()[0]
+        )
+
+
 @pytest.fixture(scope="module")
 def mgt_pair():
     kwargs = dict(codebook_size=16, num_layers=2, num_single_layers=1, num_heads=2, head_dim=8, embed_dim=8,

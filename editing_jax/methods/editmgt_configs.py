@@ -72,6 +72,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "source_copy": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_copy
             "code_content": True,  # not in EditMGT; see MaskedGenerativeTransformer.code_content_dim
             "text_cross_attention": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_attention
+            "text_cross_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_positions
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",

@@ -94,6 +94,8 @@ class MaskedGenerativeTransformer(nn.Module):
         `TextCrossAttention` (a softmax over [null; text] of their own, values carrying the pooled instruction). Not in
         Meissonic/EditMGT: with joint attention alone a from-scratch model leaves a named object's tokens copied
         (docs/RESULTS.md, EditMGT: "The hidden state never learns the new look").
+      text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
+        left" can then be matched by place; see `TextCrossAttention`).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -117,6 +119,7 @@ class MaskedGenerativeTransformer(nn.Module):
     code_content_dim: int = 0
     content_head: bool = False
     text_cross_attention: bool = False
+    text_cross_positions: bool = False
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -156,6 +159,8 @@ class MaskedGenerativeTransformer(nn.Module):
             **kwargs,
         )
         self.transformer_blocks = [DoubleStreamBlock(**block_kwargs) for _ in range(self.num_layers)]
+        if self.text_cross_positions and not self.text_cross_attention:
+            raise ValueError("text_cross_positions needs text_cross_attention")
         if self.text_cross_attention:
             self.text_cross_blocks = [TextCrossAttention(self.num_heads, self.head_dim, **kwargs)
                                       for _ in range(self.num_layers)]  # fmt: skip
@@ -289,7 +294,8 @@ class MaskedGenerativeTransformer(nn.Module):
                 capture_attention=layer in capture_layers,
             )
             if self.text_cross_attention and layer < self.num_layers:
-                hidden = hidden + self.text_cross_blocks[layer](hidden, context, text_mask, pooled)
+                positions = image_ids if self.text_cross_positions else None
+                hidden = hidden + self.text_cross_blocks[layer](hidden, context, text_mask, pooled, positions)
 
         hidden = self.project_from_hidden(self.project_from_hidden_norm(hidden))  # [B, g, D]
         hidden = hidden.reshape(batch, grid_h, grid_w, -1)

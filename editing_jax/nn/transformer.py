@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from editing_jax.nn.attention import apply_rope, dot_product_attention
 from editing_jax.nn.conv import constrain_batch
@@ -44,6 +45,8 @@ Rope = tuple[jax.Array, jax.Array]
 
 # diffusers' Flux blocks use this epsilon for the adaLN LayerNorms and the qk RMSNorms.
 NORM_EPSILON = 1e-6
+# Sinusoidal features per position axis of `TextCrossAttention`'s queries.
+POSITION_FEATURES = 16
 # Dense layers that get LoRA adapters by default: the attention projections of both streams.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -558,6 +561,9 @@ class TextCrossAttention(nn.Module):
       out_i = to_out(sum_j p_ij (to_v(t_j) + pooled_to_v(pooled)))    with p_i = softmax over [null; text].
 
     Queries and keys are per-head RMS-normalized (no RoPE); `to_out` starts at zero, so a fresh module adds nothing.
+    With `positions`, the queries also see where each token is: a projection (`position_proj`) of sinusoidal features
+    of its position ids is added to the normalized tokens before `to_q`, so words like "top left" can be matched by
+    position (joint attention's RoPE is relative and gives a token no absolute place).
     The per-token gate `1 - p(null)`, averaged over heads (`[B, Li]`), is sown as 'intermediates'/'text_gate'.
 
     Attributes:
@@ -571,7 +577,14 @@ class TextCrossAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, context: jax.Array, context_mask: jax.Array, pooled: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        hidden: jax.Array,
+        context: jax.Array,
+        context_mask: jax.Array,
+        pooled: jax.Array,
+        positions: np.ndarray | jax.Array | None = None,
+    ) -> jax.Array:
         """Returns the residual update of the image tokens.
 
         Args:
@@ -579,6 +592,7 @@ class TextCrossAttention(nn.Module):
           context: text tokens `[B, Lt, D]`.
           context_mask: `[B, Lt]` bool, real text positions.
           pooled: pooled instruction embedding `[B, P]`.
+          positions: optional `[Li, n_axes]` position ids of the image tokens (e.g. `grid_position_ids`).
 
         Returns:
           `[B, Li, D]`, to be added to `hidden`.
@@ -591,7 +605,16 @@ class TextCrossAttention(nn.Module):
         def norm(name: str) -> nn.RMSNorm:
             return _rms_norm(NORM_EPSILON, name=name, **kwargs)
 
-        query = Dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kwargs)(_layer_norm(hidden))
+        tokens = _layer_norm(hidden)  # [B, Li, D]
+        if positions is not None:
+            from editing_jax.nn.embeddings import timestep_embedding  # embeddings imports this module's Dense
+
+            positions = jnp.asarray(positions, jnp.float32)  # [Li, n_axes]
+            features = jnp.concatenate(
+                [timestep_embedding(positions[:, axis], POSITION_FEATURES, max_period=100.0)
+                 for axis in range(positions.shape[1])], axis=-1)  # fmt: skip  # [Li, n_axes * F]
+            tokens = tokens + Dense(dim, (None, "embed"), name="position_proj", **kwargs)(features)[None]
+        query = Dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kwargs)(tokens)
         query = norm("norm_q")(query.reshape(batch, length, heads, head_dim))  # [B, Li, H, Dh]
         text = _layer_norm(context)  # [B, Lt, D]
         key = Dense(inner, ("embed", "heads"), use_bias=False, name="to_k", **kwargs)(text)
