@@ -7,6 +7,7 @@ separately from learning the edits ('changed', also per edit type). For a model 
 (`loss.content_weight` > 0) it also reports, on changed tokens per edit type, how often the regressed code vector is
 nearer the target token's vector than the source token's ('content_nearer_target') and how often its nearest code
 is the target ('content_nearest_code'): whether the hidden state knows the new look even where the logits copy.
+'changed_copied_by_edit_type' is how often a changed token is predicted as its source token (the edit not made).
 For a model with text cross-attention (`model.text_cross_attention`) it reports, per block and edit type, the AUROC
 of each image token's text gate (1 - p(null)) against the changed tokens ('text_gate_auroc'; 0.5 = no grounding).
 """
@@ -25,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--edit_types", default="", help="comma-separated edit types to draw (default: all)")
     args = parser.parse_args()
 
     from editing_jax import inference
@@ -34,7 +36,10 @@ def main() -> None:
 
     editor = inference.load_editor(args.checkpoint)
     model, params, state = editor.model, editor.params, editor.model_state
-    source = pipeline.WorldSource("val", args.num, 0, edits.WorldConfig(size=model.image_size))
+    world = edits.WorldConfig(size=model.image_size)
+    if args.edit_types:
+        world = edits.WorldConfig(size=model.image_size, edit_types=tuple(args.edit_types.split(",")))
+    source = pipeline.WorldSource("val", args.num, 0, world)
     batch = model.prepare_batch(pipeline.collate([source[i] for i in range(args.num)]))
     target = model.encode_images(state, jnp.asarray(batch["target_image"]))  # [N, h, w]
     cond = model.encode_images(state, jnp.asarray(batch["source_image"]))
@@ -75,12 +80,14 @@ def main() -> None:
         outputs = model.logits(params, inputs, (hidden, mask, pooled), jnp.full((args.num,), rate, jnp.float32),
                                cond if model.uses_condition else None, model_state=state,
                                sown=sown)  # fmt: skip
-        correct = np.asarray(jnp.argmax(outputs[0], -1)) == np.asarray(target)
+        predicted_tokens = np.asarray(jnp.argmax(outputs[0], -1))  # [N, h, w]
+        correct = predicted_tokens == np.asarray(target)
         row = rows[str(rate)] = {
             "masked": float(correct[masked].mean()),
             "unchanged": float(correct[masked & ~changed].mean()),
             "changed": float(correct[masked & changed].mean()),
             "changed_by_edit_type": changed_by_edit_type(correct, masked),
+            "changed_copied_by_edit_type": changed_by_edit_type(predicted_tokens == np.asarray(cond), masked),
         }
         if codes is not None:
             predicted = np.asarray(outputs[2]["content_prediction"])  # [N, h, w, F]
@@ -91,8 +98,10 @@ def main() -> None:
             row["content_nearest_code"] = changed_by_edit_type(distances.argmin(-1) == np.asarray(target), masked)
         if gates:
             row["text_gate_auroc"] = {name.split("/")[0]: gate_auroc(np.asarray(outputs[2][name])) for name in gates}
-    print(json.dumps({"command": f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} "
-                      f"--num {args.num}", "step": editor.step, "accuracy": rows}))  # fmt: skip
+    command = f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} --num {args.num}"
+    if args.edit_types:
+        command += f" --edit_types {args.edit_types}"
+    print(json.dumps({"command": command, "step": editor.step, "accuracy": rows}))  # fmt: skip
 
 
 if __name__ == "__main__":
