@@ -22,6 +22,9 @@ Generator-agnostic extras, all off by default and adding nothing to the graph wh
     'intermediates' collection at `attn/attention_probs` (apply with `mutable=['intermediates']`).
   * LoRA (`lora_rank > 0`) on the Dense layers named in `lora_targets` (CogniEdit).
 
+`TextCrossAttention` (not in Flux) is a separate module a model may add after its blocks: image tokens read the text
+through their own softmax over [null; text], giving a per-token gate.
+
 Logical axis names for parameters (see `train/sharding.py`): 'embed' (model width), 'mlp' (MLP hidden and the
 adaLN modulation output), 'heads' (the flattened heads x head-dim projection), 'kv' (head dim, qk-norm scales).
 """
