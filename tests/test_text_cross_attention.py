@@ -64,23 +64,24 @@ def test_matches_a_float64_reference_with_null_gate():
     module = TextCrossAttention(HEADS, HEAD_DIM)
     inputs = _inputs()
     params = _randomized_params(module, inputs)
-    out, state = module.apply({"params": params}, *inputs, mutable=["intermediates"])
+    (out, gate), state = module.apply({"params": params}, *inputs, mutable=["intermediates"])
     expected, expected_gate = _reference(params, *inputs)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(state["intermediates"]["text_gate"][0]), expected_gate, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gate), expected_gate, atol=1e-6)
 
 
 def test_padded_text_is_ignored_and_the_gate_counts_real_words():
     module = TextCrossAttention(HEADS, HEAD_DIM)
     hidden, context, mask, pooled = _inputs()
     params = _randomized_params(module, (hidden, context, mask, pooled))
-    out = module.apply({"params": params}, hidden, context, mask, pooled)
+    out, _ = module.apply({"params": params}, hidden, context, mask, pooled)
     changed = context.copy()
     changed[1, 4:] += 100.0  # only padded positions of row 1
-    out_changed = module.apply({"params": params}, hidden, changed, mask, pooled)
+    out_changed, _ = module.apply({"params": params}, hidden, changed, mask, pooled)
     np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(out_changed[1]))
     changed[0] = -changed[0]  # real words of row 0 (the layer norm ignores a shift, not a sign flip)
-    out_changed = module.apply({"params": params}, hidden, changed, mask, pooled)
+    out_changed, _ = module.apply({"params": params}, hidden, changed, mask, pooled)
     assert not np.allclose(np.asarray(out[0]), np.asarray(out_changed[0]))
 
     # With every logit 0 the gate is the share of real words among [null; words].
@@ -101,12 +102,12 @@ def test_positions_let_identical_tokens_read_the_text_differently():
     positions = grid_position_ids(2, 2)  # [4, 3]
     params = _randomized_params(module, (same, context, mask, pooled, positions))
     assert "position_proj" in params
-    out = np.asarray(module.apply({"params": params}, same, context, mask, pooled, positions))
+    out = np.asarray(module.apply({"params": params}, same, context, mask, pooled, positions)[0])
     assert np.abs(out[:, 1:] - out[:, :1]).max() > 1e-3  # the four grid cells differ
     no_positions = {name: value for name, value in params.items() if name != "position_proj"}
-    out = np.asarray(module.apply({"params": no_positions}, same, context, mask, pooled))
+    out = np.asarray(module.apply({"params": no_positions}, same, context, mask, pooled)[0])
     np.testing.assert_allclose(out[:, 1:], np.broadcast_to(out[:, :1], out[:, 1:].shape), atol=1e-6)
-    with pytest.raises(ValueError, match="text_cross_positions needs"):
+    with pytest.raises(ValueError, match="text_cross_positions and text_gate_copy need"):
         MaskedGenerativeTransformer(codebook_size=4, text_cross_positions=True).init(
             jax.random.key(0), *_mgt_inputs()[0]
         )

@@ -73,6 +73,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "code_content": True,  # not in EditMGT; see MaskedGenerativeTransformer.code_content_dim
             "text_cross_attention": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_attention
             "text_cross_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_positions
+            "text_gate_copy": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_gate_copy
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "dtype": "float32",

@@ -290,9 +290,9 @@ class FlowDiT(nn.Module):
             x, context, _ = block(x, context, temb, rope, capture_attention=layer in capture_layers)
             if self.text_cross_attention and layer < self.num_layers:
                 mask = jnp.ones(context.shape[:2], bool) if txt_mask is None else txt_mask
-                x = x + TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}", **kwargs)(
-                    x, context, mask, pooled
-                )  # [B, L (+ Lr), D]
+                update, _ = TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}",
+                                               **kwargs)(x, context, mask, pooled)  # fmt: skip
+                x = x + update  # [B, L (+ Lr), D]
 
         x = x[:, :target_len]  # [B, L, D]: reference outputs are dropped
         scale, shift = AdaLNModulation(2, self.zero_init_modulation, name="norm_out", **kwargs)(temb)  # [B, D] each

@@ -587,8 +587,8 @@ class TextCrossAttention(nn.Module):
         context_mask: jax.Array,
         pooled: jax.Array,
         positions: np.ndarray | jax.Array | None = None,
-    ) -> jax.Array:
-        """Returns the residual update of the image tokens.
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns the residual update of the image tokens and their gate.
 
         Args:
           hidden: image tokens `[B, Li, D]`.
@@ -598,7 +598,8 @@ class TextCrossAttention(nn.Module):
           positions: optional `[Li, n_axes]` position ids of the image tokens (e.g. `grid_position_ids`).
 
         Returns:
-          `[B, Li, D]`, to be added to `hidden`.
+          `(update [B, Li, D], gate [B, Li])`: the update is to be added to `hidden`; the gate is `1 - p(null)`
+          averaged over heads.
         """
         batch, length, dim = hidden.shape
         heads, head_dim = self.num_heads, self.head_dim
@@ -635,12 +636,13 @@ class TextCrossAttention(nn.Module):
         null_logit = jnp.einsum("bqhd,hd->bhq", query, null_key.astype(query.dtype),
                                 preferred_element_type=jnp.float32)[..., None] * scale  # fmt: skip
         probs = jax.nn.softmax(jnp.concatenate([null_logit, logits], axis=-1), axis=-1)  # [B, H, Li, 1 + Lt]
-        self.sow("intermediates", "text_gate", 1.0 - probs[..., 0].mean(axis=1))  # [B, Li]
+        gate = 1.0 - probs[..., 0].mean(axis=1)  # [B, Li]
+        self.sow("intermediates", "text_gate", gate)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., 1:].astype(value.dtype), value)  # [B, Li, H, Dh]
         out = Dense(dim, ("heads", "embed"), kernel_init=nn.initializers.zeros_init(), name="to_out", **kwargs)(
             out.reshape(batch, length, inner)
         )  # [B, Li, D]
-        return constrain_batch(out.astype(self.dtype))
+        return constrain_batch(out.astype(self.dtype)), gate
 
 
 def block_scope_name(layer: int, num_double_blocks: int) -> str:
