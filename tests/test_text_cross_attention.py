@@ -172,3 +172,29 @@ def test_flow_dit_cross_attention_starts_as_the_plain_model_and_covers_reference
     )
     _, state = crossed.apply({"params": params}, *args, **ref_kwargs, mutable=["intermediates"])
     assert state["intermediates"]["text_cross_blocks_0"]["text_gate"][0].shape == (2, 8)  # target + reference
+
+
+def test_text_gate_copy_scales_the_copy_score_by_one_minus_the_gate():
+    kwargs = dict(codebook_size=16, num_layers=2, num_single_layers=1, num_heads=2, head_dim=8, embed_dim=8,
+                  axes_dims_rope=(2, 2, 4), source_copy=True, text_cross_attention=True, downsample=True)  # fmt: skip
+    plain, gated = MaskedGenerativeTransformer(**kwargs), MaskedGenerativeTransformer(text_gate_copy=True, **kwargs)
+    args, cond = _mgt_inputs()
+    params = nn.meta.unbox(plain.init(jax.random.key(0), *args, cond_tokens=cond)["params"])
+    for block in ("text_cross_blocks_0", "text_cross_blocks_1"):  # a trained-looking gate and output
+        params[block]["to_out"]["kernel"] = jnp.full_like(params[block]["to_out"]["kernel"], 0.1)
+    params["copy_head"]["bias"] = jnp.full_like(params["copy_head"]["bias"], 3.0)
+
+    def sown(model, text_mask):
+        call_args = (*args[:2], text_mask, *args[3:])
+        _, state = model.apply({"params": params}, *call_args, cond_tokens=cond, mutable=["intermediates"])
+        state = state["intermediates"]
+        return np.asarray(state["copy_score"][0]), np.asarray(state["text_cross_blocks_1"]["text_gate"][0])
+
+    copy_plain, gate = sown(plain, args[2])
+    copy_gated, _ = sown(gated, args[2])
+    keep = np.repeat(np.repeat((1.0 - gate).reshape(2, 2, 2), 2, axis=1), 2, axis=2)  # [B, h, w]
+    assert 0.05 < gate.min() and gate.max() < 0.999
+    np.testing.assert_allclose(copy_gated, keep * copy_plain, rtol=1e-5, atol=1e-6)
+    # Without text the gate is exactly 0 and nothing changes.
+    no_text = jnp.zeros_like(args[2])
+    np.testing.assert_array_equal(sown(gated, no_text)[0], sown(plain, no_text)[0])
