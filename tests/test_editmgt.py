@@ -291,14 +291,19 @@ def _replay_loss_forward(model, params, state, device_batch, rng, sown=()):
     return target, source, masked, outputs
 
 
+def _loss_setup(**editor_kwargs):
+    """A tiny editor's model, params, frozen state and device batch, for the loss tests."""
+    model, _, variables, batch = _tiny_editor(**editor_kwargs)
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    return model, variables["params"], {"tokenizer": variables["tokenizer"]}, device_batch
+
+
 def _gradient_mass(tree) -> float:
     return sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(tree))
 
 
 def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
-    model, _, variables, batch = _tiny_editor(source_copy=True)
-    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    model, params, state, device_batch = _loss_setup(source_copy=True)
     rng = jax.random.key(5)
     plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
     grounded_loss = editmgt.make_loss(model, cfg_dropout=0.0, grounding_weight=2.0)
@@ -320,9 +325,7 @@ def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
 
 
 def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors():
-    model, _, variables, batch = _tiny_editor(code_content=True, content_head=True)
-    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    model, params, state, device_batch = _loss_setup(code_content=True, content_head=True)
     rng = jax.random.key(6)
     plain, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
     content_loss = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, content_weight=0.5)
@@ -347,9 +350,7 @@ def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors(
 
 
 def test_text_gate_loss_is_bce_of_the_gates_against_changed_grid_cells():
-    model, _, variables, batch = _tiny_editor(text_cross=True)
-    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    model, params, state, device_batch = _loss_setup(text_cross=True)
     rng = jax.random.key(7)
     plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
     gate_loss = editmgt.make_loss(model, cfg_dropout=0.0, text_gate_weight=0.5)
