@@ -197,6 +197,7 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
         "token_temperature": args.token_temperature,
         "temperature": args.remask_noise,
         "map_scaling": args.map_scaling,
+        "attention_source": args.attention_source,
         "text_positions": "keyword" if getattr(args, "query", None) else None,
     }
 
@@ -285,7 +286,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         "--remask_noise", type=float, default=None, help="EditMGT initial Gumbel noise of the re-masking confidences"
     )
     parser.add_argument(
-        "--map_scaling", default=None, help="EditMGT attention map scaling for region hold: minmax (paper) or max"
+        "--map_scaling", default=None, help="EditMGT attention map scaling for region hold: minmax (paper), max, none"
+    )
+    parser.add_argument(
+        "--attention_source",
+        default=None,
+        help="EditMGT region-hold map: joint (the paper's joint attention) or text_cross (text cross-attention)",
     )
     parser.add_argument("--seed", type=int, default=0)
 

@@ -105,6 +105,15 @@ def test_consolidate_averages_selected_layers_heads_and_text_positions():
         np.testing.assert_allclose(maps[1].ravel(), [1.0, 1.0, 0.0, 0.0], atol=1e-6)
         by_max = am.consolidate(given, (1, 3), text_positions, image, scaling="max")
         np.testing.assert_allclose(by_max[0].ravel(), [0.25, 0.25, 1.0, 0.0], atol=1e-6)  # min is 0: same
+        # Summed over the selected texts and not rescaled: example 0 is [0.25, 0.25, 1.0, 0], example 1 [0.25, ...].
+        summed = am.consolidate(given, (1, 3), text_positions, image, scaling="none", sum_text=True)
+        np.testing.assert_allclose(summed[0].ravel(), [0.25, 0.25, 1.0, 0.0], atol=1e-6)
+        np.testing.assert_allclose(summed[1].ravel(), [0.25, 0.25, 0.0, 0.0], atol=1e-6)
+
+
+def test_none_scaling_only_clips():
+    maps = jnp.asarray([[[0.2, 0.4], [-0.5, 1.5]]])
+    np.testing.assert_allclose(am.rescale(maps, "none"), [[[0.2, 0.4], [0.0, 1.0]]])
 
 
 def test_consolidate_rejects_non_square_without_grid_shape():

@@ -1,10 +1,12 @@
 """EditMGT pieces: text tokenizer, MGT conditioning/attention bias, masked loss, and the jitted edit function."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -239,6 +241,37 @@ def test_region_hold_extremes(tiny_editor, guidance):
     held = some["held"]
     np.testing.assert_array_equal(some["tokens"][held], some["source_tokens"][held])
     assert 0 < held.sum() < held.size
+
+
+def test_text_cross_region_hold_map_is_the_gate_of_the_text_cross_attention():
+    model, _, variables, batch = _tiny_editor(text_cross=True)
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    settings = editmgt.SamplingSettings(num_steps=1, attention_layers=(0, 2), attention_source="text_cross",
+                                        map_scaling="none", filter="none", keep_peaks=False)  # fmt: skip
+    edit_fn = editmgt.make_edit_fn(model, settings)
+    plain = editmgt.run_edits(edit_fn, params, state, batch, settings, region_hold_threshold=0.0)
+    # The first (only) step's forward: all target tokens masked, the source as condition.
+    source = model.encode_images(state, jnp.asarray(batch["source_image"]))
+    text_mask = jnp.asarray(batch["text_mask"])
+    hidden, pooled = model.encode_text(params, jnp.asarray(batch["text_ids"]), text_mask)
+    masked = jnp.full(source.shape, model.mgt.mask_token_id)
+    _, _, sown = model.logits(params, masked, (hidden, text_mask, pooled), jnp.ones((2,)), source, model_state=state,
+                              sown=("text_cross_blocks_0/text_gate",))  # fmt: skip
+    gate = np.asarray(sown["text_cross_blocks_0/text_gate"]).reshape(2, 2, 2)  # [B, g, g]
+    expected = np.repeat(np.repeat(gate, 2, axis=1), 2, axis=2)  # [B, h, w]
+    np.testing.assert_allclose(plain["attention"], expected, rtol=1e-5)
+    lam = float(np.median(expected))
+    some = editmgt.run_edits(edit_fn, params, state, batch, settings, region_hold_threshold=lam)
+    np.testing.assert_array_equal(some["held"], expected < lam)
+    np.testing.assert_array_equal(some["tokens"][some["held"]], some["source_tokens"][some["held"]])
+    # Keyword positions read only those words' share of the attention: at most the gate, and less somewhere.
+    keyword = editmgt.SamplingSettings(**{**dataclasses.asdict(settings), "text_positions": "keyword"})
+    partial = editmgt.run_edits(editmgt.make_edit_fn(model, keyword), params, state, batch, keyword)["attention"]
+    assert np.all(partial <= expected + 1e-6) and np.any(partial < expected - 1e-3)
+    with pytest.raises(ValueError, match="text_cross_attention"):
+        editmgt.make_edit_fn(_tiny_editor()[0], settings)
+    with pytest.raises(ValueError, match="attention_source"):
+        editmgt.SamplingSettings.from_config(ml_collections.ConfigDict({"attention_source": "cross"}))
 
 
 def test_gamma_changes_the_edit_only_through_the_condition(tiny_editor):

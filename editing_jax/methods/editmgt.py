@@ -41,6 +41,9 @@ AESTHETIC_SCORE = 6.0
 MAX_VISUALIZED_ROWS = 8
 
 
+ATTENTION_SOURCES = ("joint", "text_cross")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """Inference settings of the editing sampler (static ones change the compiled graph)."""
@@ -58,6 +61,9 @@ class SamplingSettings:
     filter_radius: int = 1
     keep_peaks: bool = True
     map_scaling: str = "minmax"  # attention_maps.SCALINGS: how the consolidated map is rescaled to [0, 1]
+    # 'joint': the paper's text->image maps of the joint attention blocks; 'text_cross': each image token's attention
+    # on the selected words in the text cross-attention blocks (needs model.text_cross_attention).
+    attention_source: str = "joint"
 
     @classmethod
     def from_config(cls, config, **overrides) -> SamplingSettings:
@@ -68,6 +74,8 @@ class SamplingSettings:
             raise ValueError(f"filter must be one of {attention_maps.SMOOTHING_METHODS}, got {values['filter']!r}")
         if values["map_scaling"] not in attention_maps.SCALINGS:
             raise ValueError(f"map_scaling must be one of {attention_maps.SCALINGS}, got {values['map_scaling']!r}")
+        if values["attention_source"] not in ATTENTION_SOURCES:
+            raise ValueError(f"attention_source must be one of {ATTENTION_SOURCES}, got {values['attention_source']!r}")
         if values["text_positions"] not in ("all", "keyword"):
             raise ValueError(f"text_positions must be 'all' or 'keyword', got {values['text_positions']!r}")
         if int(values["num_steps"]) < 1:
@@ -323,7 +331,9 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
     """Builds `edit(params, model_state, source_uint8, text_ids, text_mask, text_positions, rng, lam, gamma)`.
 
     One jitted function: encode the source, run S MaskGIT steps (each one MGT forward, CFG batched with the
-    unconditional pass), consolidate text->image attention of `settings.attention_layers` over `text_positions`,
+    unconditional pass), consolidate text->image attention of `settings.attention_layers` over `text_positions`
+    (joint attention, or with `attention_source='text_cross'` the image tokens' attention to those words in the
+    text cross-attention blocks),
     smooth it in-graph, hold regions below `lam`, decode the tokens. `lam` and `gamma` are traced (no recompiles
     for sweeps); the number of steps, filter and layer range are static.
 
@@ -333,7 +343,19 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
     start, stop = settings.attention_layers
     if not 0 <= start < stop <= model.mgt.num_blocks:
         raise ValueError(f"attention_layers {settings.attention_layers} outside [0, {model.mgt.num_blocks}]")
-    capture = tuple(range(start, stop))
+    text_cross = settings.attention_source == "text_cross"
+    if text_cross:
+        if not model.mgt.text_cross_attention:
+            raise ValueError("attention_source 'text_cross' needs a model with text_cross_attention")
+        # Text cross-attention follows each double-stream block: blocks start .. stop - 1 that have one.
+        sown = tuple(f"text_cross_blocks_{i}/text_probs" for i in range(start, min(stop, model.mgt.num_layers)))
+        if not sown:
+            raise ValueError(f"attention_layers {settings.attention_layers} has no text cross-attention block "
+                             f"(blocks 0..{model.mgt.num_layers - 1})")  # fmt: skip
+        capture = ()
+    else:
+        sown = ()
+        capture = tuple(range(start, stop))
     grid = model.token_grid
     inner_grid = grid // 2 if model.mgt.downsample else grid
     use_cfg = settings.guidance_scale != 0.0
@@ -368,17 +390,22 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             fraction = jnp.mean(tokens == model.mgt.mask_token_id, axis=(1, 2)).astype(jnp.float32)  # [B]
             if use_cfg:
                 tokens, fraction = jnp.concatenate([tokens, tokens]), jnp.concatenate([fraction, fraction])
-            logits, probs = model.logits(params, tokens, text, fraction, cond, gamma=gamma, capture_layers=capture,
-                                         model_state=model_state)  # fmt: skip
-            logits = logits.reshape(logits.shape[0], grid * grid, -1)
-            probs = probs[:, :batch]  # text->image maps of the conditional pass
+            outputs = model.logits(params, tokens, text, fraction, cond, gamma=gamma, capture_layers=capture,
+                                   model_state=model_state, sown=sown)  # fmt: skip
+            logits = outputs[0].reshape(outputs[0].shape[0], grid * grid, -1)
+            if text_cross:  # [N, B, 1, Lt, g]: image tokens' attention to the words, as text->image maps
+                probs = jnp.stack([jnp.swapaxes(outputs[2][name][:batch], 1, 2)[:, None] for name in sown])
+                consolidate_args = dict(image_slice=slice(0, inner_grid * inner_grid), sum_text=True)
+            else:
+                probs = outputs[1][:, :batch]  # text->image maps of the conditional pass
+                consolidate_args = dict(image_slice=image_slice)
             maps = attention_maps.consolidate(
                 probs,
-                (0, len(capture)),
+                (0, len(probs)),
                 text_positions,
-                image_slice,
                 grid_shape=(inner_grid, inner_grid),
                 scaling=settings.map_scaling,
+                **consolidate_args,
             )  # [B, g, g]
             if inner_grid != grid:
                 maps = jnp.repeat(jnp.repeat(maps, 2, axis=1), 2, axis=2)  # [B, h, w]

@@ -567,7 +567,9 @@ class TextCrossAttention(nn.Module):
     With `positions`, the queries also see where each token is: a projection (`position_proj`) of sinusoidal features
     of its position ids is added to the normalized tokens before `to_q`, so words like "top left" can be matched by
     position (joint attention's RoPE is relative and gives a token no absolute place).
-    The per-token gate `1 - p(null)`, averaged over heads (`[B, Li]`), is sown as 'intermediates'/'text_gate'.
+    The per-token gate `1 - p(null)`, averaged over heads (`[B, Li]`), is sown as 'intermediates'/'text_gate', and
+    the text part of the attention, averaged over heads (`[B, Li, Lt]`, rows sum to the gate), as 'text_probs': a
+    text->image map per word, which region hold can consolidate like joint attention's.
 
     Attributes:
       num_heads, head_dim: attention shape.
@@ -638,6 +640,7 @@ class TextCrossAttention(nn.Module):
         probs = jax.nn.softmax(jnp.concatenate([null_logit, logits], axis=-1), axis=-1)  # [B, H, Li, 1 + Lt]
         gate = 1.0 - probs[..., 0].mean(axis=1)  # [B, Li]
         self.sow("intermediates", "text_gate", gate)
+        self.sow("intermediates", "text_probs", probs[..., 1:].mean(axis=1))  # [B, Li, Lt]
         out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., 1:].astype(value.dtype), value)  # [B, Li, H, Dh]
         out = Dense(dim, ("heads", "embed"), kernel_init=nn.initializers.zeros_init(), name="to_out", **kwargs)(
             out.reshape(batch, length, inner)

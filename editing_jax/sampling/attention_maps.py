@@ -17,13 +17,16 @@ import numpy as np
 SMOOTHING_METHODS = ("none", "gaussian", "bilateral", "morphological", "adaptive")
 # 'minmax' (the paper's): (m - min) / (max - min), so every map reaches 0 somewhere, even a flat one.
 # 'max': m / max for non-negative maps, so a flat map stays near 1 everywhere and region hold keeps nothing of it.
-SCALINGS = ("minmax", "max")
+# 'none': only clipped to [0, 1], for maps that are already probabilities (the text cross-attention's).
+SCALINGS = ("minmax", "max", "none")
 _EPS = 1e-6
 
 
 def rescale(maps: jax.Array, scaling: str = "minmax") -> jax.Array:
     """Rescales each [H, W] map to [0, 1] by `scaling` (one of SCALINGS); (near-)constant maps are only clipped
     to [0, 1] under 'minmax'."""
+    if scaling == "none":
+        return jnp.clip(maps, 0.0, 1.0)
     hi = jnp.max(maps, axis=(-2, -1), keepdims=True)
     if scaling == "max":
         return jnp.clip(maps / jnp.maximum(hi, _EPS), 0.0, 1.0)
@@ -44,6 +47,7 @@ def consolidate(
     grid_shape: tuple[int, int] | None = None,
     text_offset: int = 0,
     scaling: str = "minmax",
+    sum_text: bool = False,
 ) -> jax.Array:
     """Averages text->image attention over layers, heads and selected text tokens into one map per example.
 
@@ -56,6 +60,8 @@ def consolidate(
         grid_shape: (h, w) of the image token grid; square by default.
         text_offset: first query position of the text tokens.
         scaling: how each map is rescaled to [0, 1] (`rescale`).
+        sum_text: sum over the selected text tokens instead of averaging (for maps whose values are an image
+          token's attention *to* the text: the sum is the share of its attention on the selected words).
 
     Returns:
         [B, h, w] maps rescaled to [0, 1] per example.
@@ -70,7 +76,7 @@ def consolidate(
     per_text = jnp.mean(text_to_image.astype(jnp.float32), axis=(0, 2))  # [B, Lt, Li]
     weights = text_positions.astype(jnp.float32)  # [B, Lt]
     summed = jnp.einsum("bt,bti->bi", weights, per_text)  # [B, Li]
-    maps = summed / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)  # [B, Li]
+    maps = summed if sum_text else summed / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)  # [B, Li]
     num_image = maps.shape[1]
     if grid_shape is None:
         side = math.isqrt(num_image)
