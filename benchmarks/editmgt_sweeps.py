@@ -1,7 +1,7 @@
 """EditMGT sweeps on the held-out split: region-hold threshold lambda, attention filters, condition strength gamma.
 
   python benchmarks/editmgt_sweeps.py --checkpoint workdir/quickstart/editmgt --num 256 [--steps 12 \
-      --token_temperature 1 --map_scaling minmax]
+      --token_temperature 1 --map_scaling minmax --attention_source joint]
 
 For each setting: verifier success (overall and per edit type) and mean preservation L1 outside the edit mask, on
 the same `--num` test examples with the same seeds. Writes benchmarks/results/editmgt_sweeps.json (or --out) and
@@ -24,6 +24,8 @@ DECODING_FLAGS = (
     ("token_temperature", "token_temperature"),
     ("remask_noise", "temperature"),
     ("map_scaling", "map_scaling"),
+    ("attention_source", "attention_source"),
+    ("region_hold_threshold", "region_hold_threshold"),  # the filter comparison's lambda
 )
 
 
@@ -41,7 +43,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--token_temperature", type=float, default=None)
     parser.add_argument("--remask_noise", type=float, default=None)
-    parser.add_argument("--map_scaling", default=None, choices=("minmax", "max"))
+    parser.add_argument("--map_scaling", default=None, choices=("minmax", "max", "none"))
+    parser.add_argument("--attention_source", default=None, choices=("joint", "text_cross"))
+    parser.add_argument("--region_hold_threshold", type=float, default=None)
     args = parser.parse_args()
     overrides = {key: getattr(args, flag) for flag, key in DECODING_FLAGS}
     flags = "".join(f" --{flag} {getattr(args, flag)}" for flag, _ in DECODING_FLAGS if getattr(args, flag) is not None)
