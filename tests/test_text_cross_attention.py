@@ -111,6 +111,10 @@ def test_positions_let_identical_tokens_read_the_text_differently():
         MaskedGenerativeTransformer(codebook_size=4, text_cross_positions=True).init(
             jax.random.key(0), *_mgt_inputs()[0]
         )
+    with pytest.raises(ValueError, match="needs num_layers >= 1"):
+        MaskedGenerativeTransformer(codebook_size=4, num_layers=0, text_cross_attention=True).init(
+            jax.random.key(0), *_mgt_inputs()[0]
+        )
 
 
 @pytest.fixture(scope="module")

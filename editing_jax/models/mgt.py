@@ -166,6 +166,8 @@ class MaskedGenerativeTransformer(nn.Module):
         self.transformer_blocks = [DoubleStreamBlock(**block_kwargs) for _ in range(self.num_layers)]
         if (self.text_cross_positions or self.text_gate_copy) and not self.text_cross_attention:
             raise ValueError("text_cross_positions and text_gate_copy need text_cross_attention")
+        if self.text_cross_attention and self.num_layers < 1:
+            raise ValueError("text_cross_attention follows the double-stream blocks: it needs num_layers >= 1")
         if self.text_cross_attention:
             self.text_cross_blocks = [TextCrossAttention(self.num_heads, self.head_dim, **kwargs)
                                       for _ in range(self.num_layers)]  # fmt: skip
