@@ -53,7 +53,10 @@ def get_config(arg=None):
             "param_dtype": "float32",
         }
     )
-    config.loss = ml_collections.ConfigDict({"cfg_dropout": 0.1, "timestep_sampling": "logit_normal"})
+    # text_gate_weight: weight of the per-token "is this cell edited" loss on the gates of model.text_cross_attention.
+    config.loss = ml_collections.ConfigDict(
+        {"cfg_dropout": 0.1, "timestep_sampling": "logit_normal", "text_gate_weight": 0.0}
+    )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
     config.data = defaults.world_data_config(size, batch_size=4 if tiny else 32, num_eval_examples=8 if tiny else 256)
     config.optimizer = defaults.optimizer_config(learning_rate=1e-3, warmup_steps=5 if tiny else 100,

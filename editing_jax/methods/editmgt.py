@@ -310,21 +310,25 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             if model.mgt.downsample:  # a grid cell changes when any of its 2x2 tokens does
                 cells = cells.reshape(batch_size, height // 2, 2, width // 2, 2).any(axis=(2, 4))
             cells = cells.reshape(batch_size, -1).astype(jnp.float32)  # [B, g]
-            rows = (~drop).astype(jnp.float32)[:, None]  # [B, 1]: rows whose text was dropped read nothing
-            gate_losses, gate_agree = [], []
-            for name in gates:
-                gate = jnp.clip(outputs[2][name].astype(jnp.float32), 1e-6, 1 - 1e-6)  # [B, g]
-                bce = -(cells * jnp.log(gate) + (1 - cells) * jnp.log1p(-gate))  # [B, g]
-                gate_losses.append(jnp.sum(bce * rows) / jnp.maximum(jnp.sum(rows) * cells.shape[1], 1.0))
-                gate_agree.append(jnp.sum(((gate > 0.5) == (cells > 0.5)) * rows) / jnp.maximum(
-                    jnp.sum(rows) * cells.shape[1], 1.0))  # fmt: skip
-            metrics["text_gate_loss"] = sum(gate_losses) / len(gates)
-            metrics["text_gate_accuracy"] = gate_agree[-1]
+            rows = (~drop).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
+            per_block = [text_gate_bce(outputs[2][name], cells, rows) for name in gates]  # (loss, agreement) each
+            metrics["text_gate_loss"] = sum(loss for loss, _ in per_block) / len(gates)
+            metrics["text_gate_accuracy"] = per_block[-1][1]
             total = total + text_gate_weight * metrics["text_gate_loss"]
         metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
 
     return loss
+
+
+def text_gate_bce(gate: jax.Array, cells: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Binary cross-entropy of a text cross-attention gate `[B, g]` against edited cells `[B, g]` (0/1) over the
+    rows `[B]` (0/1) that kept their text; returns (mean loss, mean agreement of gate > 0.5 with the cells)."""
+    gate = jnp.clip(gate.astype(jnp.float32), 1e-6, 1 - 1e-6)
+    bce = -(cells * jnp.log(gate) + (1 - cells) * jnp.log1p(-gate))  # [B, g]
+    count = jnp.maximum(jnp.sum(rows) * cells.shape[1], 1.0)
+    agree = ((gate > 0.5) == (cells > 0.5)).astype(jnp.float32)
+    return jnp.sum(bce * rows[:, None]) / count, jnp.sum(agree * rows[:, None]) / count
 
 
 def make_edit_fn(model: EditMGT, settings: SamplingSettings):

@@ -268,7 +268,18 @@ def empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros_like(ids), jnp.zeros_like(mask)
 
 
-def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling: str = "logit_normal"):
+def edited_cells(edit_mask: jax.Array, grid: int) -> jax.Array:
+    """Pixel edit mask `[B, S, S]` -> `[B, grid * grid]` float 0/1: a token's cell is edited if any pixel in it is."""
+    batch, size = edit_mask.shape[0], edit_mask.shape[1]
+    if size % grid:
+        raise ValueError(f"image size {size} is not a multiple of the token grid {grid}")
+    cell = size // grid
+    cells = (edit_mask != 0).reshape(batch, grid, cell, grid, cell).any(axis=(2, 4))  # [B, grid, grid]
+    return cells.reshape(batch, -1).astype(jnp.float32)
+
+
+def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling: str = "logit_normal",
+              text_gate_weight: float = 0.0):  # fmt: skip
     """The flow-matching loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     loss = mean over batch, tokens and channels of (v_theta(x_t, t, text, source) - (eps - x_0))^2, with
@@ -280,12 +291,19 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         model: the editor's modules.
         cfg_dropout: probability of replacing a row's instruction by the empty text (`drop_text`).
         timestep_sampling: 'uniform' or 'logit_normal' (`sample_times`).
+        text_gate_weight: > 0 adds, times this weight, the binary cross-entropy of every text cross-attention
+          block's gate (target and reference tokens) against the cells of the batch's pixel `edit_mask` (the
+          world's; `edited_cells`), over the rows that kept their text (`editmgt.text_gate_bce`). Metrics
+          'text_gate_loss' and 'text_gate_accuracy' (last block). Needs `model.text_cross_attention`. Not in Flux.
 
     Raises:
-        ValueError: an unknown timestep_sampling.
+        ValueError: an unknown timestep_sampling, or text_gate_weight > 0 without text cross-attention.
     """
     if timestep_sampling not in TIMESTEP_SAMPLING:
         raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+    if text_gate_weight > 0 and not model.dit.text_cross_attention:
+        raise ValueError("loss.text_gate_weight > 0 needs model.text_cross_attention")
+    gates = tuple(f"text_cross_blocks_{i}" for i in range(model.dit.num_layers)) if text_gate_weight > 0 else ()
 
     def loss(params, model_state, batch, rng):
         time_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
@@ -295,7 +313,12 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)  # [B, L, C]
         x_t = interpolate(x0, noise, t)  # [B, L, C]
         ids, mask = drop_text(drop_rng, batch["text_ids"], batch["text_mask"], cfg_dropout)
-        predicted = model.velocity(params, x_t, t, model.encode_text(params, ids, mask), reference)  # [B, L, C]
+        text = model.encode_text(params, ids, mask)
+        if gates:
+            predicted, variables = model._apply_dit(params, x_t, t, text, reference, mutable=["intermediates"])
+            predicted = predicted.astype(jnp.float32)  # [B, L, C]
+        else:
+            predicted = model.velocity(params, x_t, t, text, reference)  # [B, L, C]
         per_example = jnp.mean(jnp.square(predicted - velocity_target(x0, noise)), axis=(1, 2))  # [B]
         total = jnp.mean(per_example)
         low = (t < 0.5).astype(jnp.float32)  # [B]
@@ -304,6 +327,19 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
             "loss_low_t": jnp.sum(per_example * low) / jnp.maximum(jnp.sum(low), 1.0),
             "loss_high_t": jnp.sum(per_example * (1 - low)) / jnp.maximum(jnp.sum(1 - low), 1.0),
         }
+        if gates:
+            if "edit_mask" not in batch:
+                raise ValueError("loss.text_gate_weight > 0 needs batches with an 'edit_mask' (the world's)")
+            cells = edited_cells(batch["edit_mask"], model.token_grid)  # [B, g]
+            cells = jnp.concatenate([cells, cells], axis=1)  # [B, 2g]: reference tokens share the target's cells
+            rows = jnp.any(mask, axis=1).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
+            # (loss, agreement) per block
+            per_block = [editmgt.text_gate_bce(variables["intermediates"][name]["text_gate"][0], cells, rows)
+                         for name in gates]  # fmt: skip
+            metrics["text_gate_loss"] = sum(loss for loss, _ in per_block) / len(gates)
+            metrics["text_gate_accuracy"] = per_block[-1][1]
+            total = total + text_gate_weight * metrics["text_gate_loss"]
+            metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
 
     return loss
@@ -403,7 +439,7 @@ def visualize_edits(edit_fn, params, model_state, batch: Batch, settings: FlowSe
 
 def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: float, timestep_sampling: str,
                    settings: FlowSettings, init_params: PyTree | None = None,
-                   init_latent_stats: PyTree | None = None) -> Objective:  # fmt: skip
+                   init_latent_stats: PyTree | None = None, text_gate_weight: float = 0.0) -> Objective:  # fmt: skip
     """The trainer objective.
 
     Args:
@@ -414,6 +450,7 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
         settings: sampler settings of visualize / evaluate.
         init_params: optional params replacing the fresh ones where paths and shapes match (a previous run's).
         init_latent_stats: optional latent statistics to keep (the `init_params` run's) instead of estimating them.
+        text_gate_weight: see `make_loss`.
 
     Returns:
         An Objective whose evaluate reports 'verifier_success', 'preservation_l1' and 'verifier_success/<type>'.
@@ -454,7 +491,9 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
     return Objective(
         name="flow_edit",
         init=init,
-        loss=make_loss(model, cfg_dropout=cfg_dropout, timestep_sampling=timestep_sampling),
+        loss=make_loss(
+            model, cfg_dropout=cfg_dropout, timestep_sampling=timestep_sampling, text_gate_weight=text_gate_weight
+        ),
         visualize=visualize,
         evaluate=evaluate,
         prepare_batch=model.prepare_batch,
@@ -517,4 +556,5 @@ def build_objective(config) -> Objective:
         settings=FlowSettings.from_config(config.sampling),
         init_params=init_params,
         init_latent_stats=init_stats,
+        text_gate_weight=float(config.loss.get("text_gate_weight", 0.0)),
     )
