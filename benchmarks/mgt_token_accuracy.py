@@ -8,6 +8,9 @@ separately from learning the edits ('changed', also per edit type). For a model 
 nearer the target token's vector than the source token's ('content_nearer_target') and how often its nearest code
 is the target ('content_nearest_code'): whether the hidden state knows the new look even where the logits copy.
 'changed_copied_by_edit_type' is how often a changed token is predicted as its source token (the edit not made).
+'changed_by_block_kind' splits the changed tokens' accuracy (and copy rate) by whether the target code's pixel block
+is uniform (mean per-channel std of its pixels below 2 % of the codebook's range: the inside of a shape) or mixed
+(edges, outlines, patterned backgrounds).
 For a model with text cross-attention (`model.text_cross_attention`) it reports, per block and edit type, the AUROC
 of each image token's text gate (1 - p(null)) against the changed tokens ('text_gate_auroc'; 0.5 = no grounding).
 """
@@ -48,6 +51,10 @@ def main() -> None:
     changed = np.asarray(target != cond)  # [N, h, w]
     types = np.asarray([str(t) for t in batch["edit_type"]])  # [N]
     codes = np.asarray(standardize_code_features(model.code_features(state))) if model.mgt.content_head else None
+    raw_codes = np.asarray(model.code_features(state))  # [V, F]: for the patch VQ, 2x2 pixel blocks (x 3 channels)
+    block_spread = raw_codes.reshape(len(raw_codes), -1, 3).std(axis=1).mean(axis=-1)  # [V]
+    uniform_code = block_spread < 0.02 * (raw_codes.max() - raw_codes.min())  # [V]
+    uniform_target = uniform_code[np.asarray(target)]  # [N, h, w]
 
     gates = (
         [f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)]
@@ -88,6 +95,14 @@ def main() -> None:
             "changed": float(correct[masked & changed].mean()),
             "changed_by_edit_type": changed_by_edit_type(correct, masked),
             "changed_copied_by_edit_type": changed_by_edit_type(predicted_tokens == np.asarray(cond), masked),
+            "changed_by_block_kind": {
+                kind: {
+                    "num": int((masked & changed & selected).sum()),
+                    "right": changed_by_edit_type(correct, masked & selected),
+                    "copied": changed_by_edit_type(predicted_tokens == np.asarray(cond), masked & selected),
+                }
+                for kind, selected in (("uniform", uniform_target), ("mixed", ~uniform_target))
+            },
         }
         if codes is not None:
             predicted = np.asarray(outputs[2]["content_prediction"])  # [N, h, w, F]
