@@ -13,7 +13,7 @@ import pytest
 
 from editing_jax import config_lib
 from editing_jax.methods import editmgt
-from editing_jax.models.mgt import MaskedGenerativeTransformer, gamma_bias
+from editing_jax.models.mgt import MaskedGenerativeTransformer, gamma_bias, standardize_code_features
 from editing_jax.models.vq import VQModel
 from editing_jax.text.encoder import TextEncoder
 from editing_jax.text.tokenizer import WordTokenizer
@@ -404,6 +404,30 @@ def test_text_gate_loss_is_bce_of_the_gates_against_changed_grid_cells():
     assert float(dropped.metrics["text_gate_loss"]) == 0.0
     with pytest.raises(ValueError, match="text_gate_weight"):
         editmgt.make_loss(_tiny_editor()[0], text_gate_weight=1.0)  # no text cross-attention
+
+
+def test_code_smoothing_trains_on_soft_targets_by_code_distance():
+    model, params, state, device_batch = _loss_setup(code_content=True)
+    rng = jax.random.key(4)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
+    sharp, _ = editmgt.make_loss(model, cfg_dropout=0.0, code_smoothing=1e-6)(params, state, device_batch, rng)
+    np.testing.assert_allclose(float(sharp), float(plain), rtol=1e-5)  # a tiny tau is the one-hot target
+    smooth, _ = editmgt.make_loss(model, cfg_dropout=0.0, code_smoothing=0.5)(params, state, device_batch, rng)
+    target, _, masked, (logits, _) = _replay_loss_forward(model, params, state, device_batch, rng)
+    codes = np.asarray(standardize_code_features(model.code_features(state)), np.float64)  # [V, F]
+    distance = np.mean((codes[:, None] - codes[None]) ** 2, axis=-1)  # [V, V]
+    soft = np.exp(-distance / 0.5)
+    soft /= soft.sum(axis=-1, keepdims=True)
+    raw = np.asarray(logits, np.float64).reshape(2, 16, 16)
+    log_probs = (
+        raw - np.log(np.sum(np.exp(raw - raw.max(-1, keepdims=True)), -1, keepdims=True)) - raw.max(-1, keepdims=True)
+    )
+    ce = -np.sum(soft[np.asarray(target)] * log_probs, axis=-1)  # [B, L]
+    masked = np.asarray(masked, np.float64)
+    np.testing.assert_allclose(float(smooth), float(np.sum(ce * masked) / np.sum(masked)), rtol=1e-4)
+    assert abs(float(smooth) - float(plain)) > 1e-3
+    with pytest.raises(ValueError, match="code_smoothing"):
+        editmgt.make_loss(_tiny_editor()[0], code_smoothing=0.1)  # no code content
 
 
 def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):

@@ -225,7 +225,8 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
-              grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0):  # fmt: skip
+              grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
+              code_smoothing: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -241,11 +242,17 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     block's gate (`1 - p(null)` per grid position, `nn.transformer.TextCrossAttention`) against "a token of this grid
     cell changes" (source vs target tokens), over all positions of the rows that kept their text (needs
     `model.text_cross_attention`; edit stage only; not in EditMGT).
+    `code_smoothing` = tau > 0 replaces each token's one-hot target by soft targets over the codebook,
+    q(k) proportional to exp(-d(k, y) / tau) with d the mean squared difference of the standardized code vectors
+    (for the patch VQ, of the 2x2 pixel blocks): a near-miss code gets partial credit (needs `model.code_content`;
+    not in EditMGT). The metrics stay those of the one-hot target.
     """
     if grounding_weight > 0 and not (model.uses_condition and model.mgt.source_copy):
         raise ValueError("loss.grounding_weight > 0 needs the edit stage and model.source_copy")
     if content_weight > 0 and not model.mgt.content_head:
         raise ValueError("loss.content_weight > 0 needs model.code_content (the MGT then gets its content_head)")
+    if code_smoothing > 0 and not model.mgt.code_content_dim:
+        raise ValueError("loss.code_smoothing > 0 needs model.code_content (the codebook's vectors)")
     if text_gate_weight > 0 and not (model.uses_condition and model.mgt.text_cross_attention):
         raise ValueError("loss.text_gate_weight > 0 needs the edit stage and model.text_cross_attention")
     gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
@@ -276,7 +283,11 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             sown=sown,
         )
         logits = outputs[0].reshape(batch_size, height * width, -1).astype(jnp.float32)  # [B, L, V]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
+        if code_smoothing > 0:
+            soft_targets = code_soft_targets(model.code_features(model_state), code_smoothing)[labels]  # [B, L, V]
+            ce = optax.softmax_cross_entropy(logits, soft_targets)  # [B, L]
+        else:
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
         masked_f = masked.astype(jnp.float32)  # [B, L]
         weights = masked_f
         correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -319,6 +330,15 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         return total, LossAux(metrics=metrics, model_state=model_state)
 
     return loss
+
+
+def code_soft_targets(code_features: jax.Array, tau: float) -> jax.Array:
+    """`[V, V]` rows q(. | y) = softmax_k(-d(k, y) / tau), d the mean squared difference of the standardized code
+    vectors `code_features [V, F]` (`standardize_code_features`); the codebook is frozen, so no gradient."""
+    codes = jax.lax.stop_gradient(standardize_code_features(code_features)).astype(jnp.float32)  # [V, F]
+    squared = jnp.sum(codes**2, axis=-1)  # [V]
+    distance = (squared[:, None] + squared[None, :] - 2.0 * codes @ codes.T) / codes.shape[-1]  # [V, V]
+    return jax.nn.softmax(-jnp.maximum(distance, 0.0) / tau, axis=-1)
 
 
 def text_gate_bce(gate: jax.Array, cells: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:

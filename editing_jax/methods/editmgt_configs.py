@@ -88,6 +88,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # grounding_weight: weight of the per-token "does the instruction change this token" loss on the copy score.
     # content_weight: weight of the squared error of a regression of the target code vectors (> 0 adds the MGT's
     # content_head; needs model.code_content).
+    # code_smoothing: tau > 0 trains on soft targets over codes near the target code (methods/editmgt.py make_loss).
     # text_gate_weight: weight of the per-grid-cell "is this cell edited" loss on the gates of model.text_cross_attention.
     config.loss = ml_collections.ConfigDict(
         {
@@ -97,6 +98,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "grounding_weight": 0.0,
             "content_weight": 0.0,
             "text_gate_weight": 1.0 if edit else 0.0,
+            "code_smoothing": 0.0,
         }
     )
     # Editing decodes in one argmax step by default: on every trained edit model we measured it matches or beats the
