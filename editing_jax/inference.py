@@ -44,8 +44,12 @@ class Editor:
         return isinstance(self.model, flow_edit.FlowEditor)
 
     def settings(self, **overrides) -> editmgt.SamplingSettings | flow_edit.FlowSettings:
+        """The checkpoint's sampling settings with `overrides`; ValueError for settings this model cannot run."""
         settings_cls = flow_edit.FlowSettings if self.is_flow else editmgt.SamplingSettings
-        return settings_cls.from_config(self.config.sampling, **overrides)
+        settings = settings_cls.from_config(self.config.sampling, **overrides)
+        if not self.is_flow:
+            self.edit_fn(settings)  # builds (lazily compiled) and validates against the model
+        return settings
 
     def edit_fn(self, settings: editmgt.SamplingSettings | flow_edit.FlowSettings):
         """The compiled edit function for `settings` (cached: static settings change the graph)."""

@@ -59,6 +59,7 @@ def test_edit_writes_image_and_attention(editor_run, tmp_path, capsys):
         (("--image", "/nonexistent.png"), "nonexistent.png"),
         (("--filter", "median"), "filter must be one of"),
         (("--map_scaling", "sum"), "map_scaling must be one of"),
+        (("--attention_source", "cross"), "attention_source must be one of"),
         (("--query", "zebra"), "does not occur"),
     ],
 )
