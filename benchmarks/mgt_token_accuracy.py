@@ -89,17 +89,18 @@ def main() -> None:
                                sown=sown)  # fmt: skip
         predicted_tokens = np.asarray(jnp.argmax(outputs[0], -1))  # [N, h, w]
         correct = predicted_tokens == np.asarray(target)
+        copied = predicted_tokens == np.asarray(cond)
         row = rows[str(rate)] = {
             "masked": float(correct[masked].mean()),
             "unchanged": float(correct[masked & ~changed].mean()),
             "changed": float(correct[masked & changed].mean()),
             "changed_by_edit_type": changed_by_edit_type(correct, masked),
-            "changed_copied_by_edit_type": changed_by_edit_type(predicted_tokens == np.asarray(cond), masked),
+            "changed_copied_by_edit_type": changed_by_edit_type(copied, masked),
             "changed_by_block_kind": {
                 kind: {
                     "num": int((masked & changed & selected).sum()),
                     "right": changed_by_edit_type(correct, masked & selected),
-                    "copied": changed_by_edit_type(predicted_tokens == np.asarray(cond), masked & selected),
+                    "copied": changed_by_edit_type(copied, masked & selected),
                 }
                 for kind, selected in (("uniform", uniform_target), ("mixed", ~uniform_target))
             },

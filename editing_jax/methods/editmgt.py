@@ -317,10 +317,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             metrics["content_loss"] = content
             total = total + content_weight * content
         if gates:
-            cells = changed_tokens.reshape(batch_size, height, width)
-            if model.mgt.downsample:  # a grid cell changes when any of its 2x2 tokens does
-                cells = cells.reshape(batch_size, height // 2, 2, width // 2, 2).any(axis=(2, 4))
-            cells = cells.reshape(batch_size, -1).astype(jnp.float32)  # [B, g]
+            grid = height // 2 if model.mgt.downsample else height  # a grid cell changes when any of its tokens does
+            cells = cells_with_any(changed_tokens.reshape(batch_size, height, width), grid)  # [B, g]
             rows = (~drop).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
             per_block = [text_gate_bce(outputs[2][name], cells, rows) for name in gates]  # (loss, agreement) each
             metrics["text_gate_loss"] = sum(loss for loss, _ in per_block) / len(gates)
@@ -339,6 +337,17 @@ def code_soft_targets(code_features: jax.Array, tau: float) -> jax.Array:
     squared = jnp.sum(codes**2, axis=-1)  # [V]
     distance = (squared[:, None] + squared[None, :] - 2.0 * codes @ codes.T) / codes.shape[-1]  # [V, V]
     return jax.nn.softmax(-jnp.maximum(distance, 0.0) / tau, axis=-1)
+
+
+def cells_with_any(mask: jax.Array, grid: int) -> jax.Array:
+    """`[B, S, S]` mask (bool or 0/1) -> `[B, grid * grid]` float 0/1: a cell is 1 if any element in it is nonzero
+    (changed tokens or edited pixels pooled to a token grid, e.g. for `text_gate_bce`)."""
+    batch, size = mask.shape[0], mask.shape[1]
+    if size % grid:
+        raise ValueError(f"mask size {size} is not a multiple of the grid {grid}")
+    cell = size // grid
+    cells = (mask != 0).reshape(batch, grid, cell, grid, cell).any(axis=(2, 4))  # [B, grid, grid]
+    return cells.reshape(batch, -1).astype(jnp.float32)
 
 
 def text_gate_bce(gate: jax.Array, cells: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -268,16 +268,6 @@ def empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros_like(ids), jnp.zeros_like(mask)
 
 
-def edited_cells(edit_mask: jax.Array, grid: int) -> jax.Array:
-    """Pixel edit mask `[B, S, S]` -> `[B, grid * grid]` float 0/1: a token's cell is edited if any pixel in it is."""
-    batch, size = edit_mask.shape[0], edit_mask.shape[1]
-    if size % grid:
-        raise ValueError(f"image size {size} is not a multiple of the token grid {grid}")
-    cell = size // grid
-    cells = (edit_mask != 0).reshape(batch, grid, cell, grid, cell).any(axis=(2, 4))  # [B, grid, grid]
-    return cells.reshape(batch, -1).astype(jnp.float32)
-
-
 def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling: str = "logit_normal",
               text_gate_weight: float = 0.0):  # fmt: skip
     """The flow-matching loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
@@ -293,7 +283,7 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         timestep_sampling: 'uniform' or 'logit_normal' (`sample_times`).
         text_gate_weight: > 0 adds, times this weight, the binary cross-entropy of every text cross-attention
           block's gate (target and reference tokens) against the cells of the batch's pixel `edit_mask` (the
-          world's; `edited_cells`), over the rows that kept their text (`editmgt.text_gate_bce`). Metrics
+          world's; `editmgt.cells_with_any`), over the rows that kept their text (`editmgt.text_gate_bce`). Metrics
           'text_gate_loss' and 'text_gate_accuracy' (last block). Needs `model.text_cross_attention`. Not in Flux.
 
     Raises:
@@ -330,7 +320,7 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         if gates:
             if "edit_mask" not in batch:
                 raise ValueError("loss.text_gate_weight > 0 needs batches with an 'edit_mask' (the world's)")
-            cells = edited_cells(batch["edit_mask"], model.token_grid)  # [B, g]
+            cells = editmgt.cells_with_any(batch["edit_mask"], model.token_grid)  # [B, g]
             cells = jnp.concatenate([cells, cells], axis=1)  # [B, 2g]: reference tokens share the target's cells
             rows = jnp.any(mask, axis=1).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
             # (loss, agreement) per block
