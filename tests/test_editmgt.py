@@ -168,16 +168,22 @@ def test_editmgt_feeds_the_vq_codebook_as_code_content():
     assert out["images"].shape == (2, 8, 8, 3)
 
 
-def _tiny_editor(stage="edit", code_content=False, source_copy=False, content_head=False, text_cross=False):
-    vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
-                 latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
+def _tiny_editor(
+    stage="edit", code_content=False, source_copy=False, content_head=False, text_cross=False, pixel_head=False
+):
+    if pixel_head:  # the patch VQ: a code is a 2x2 pixel block (F = 12)
+        vq = VQModel(encoder_type="patch", decoder_type="patch", patch_size=2, codebook_size=16, code_dim=12)
+    else:
+        vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
+                     latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
+    content_dim = vq.code_dim if code_content or pixel_head else 0
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
     text_encoder = TextEncoder(tokenizer.vocab_size, width=16, num_layers=1, num_heads=2, max_length=6, pooled_dim=8)
     mgt = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
-                                      zero_init_modulation=False, code_content_dim=4 if code_content else 0,
+                                      zero_init_modulation=False, code_content_dim=content_dim,
                                       source_copy=source_copy, content_head=content_head,
-                                      text_cross_attention=text_cross)  # fmt: skip
+                                      text_cross_attention=text_cross, pixel_channels=3 if pixel_head else 0)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
@@ -529,6 +535,81 @@ def test_build_model_adds_the_content_head_only_with_its_loss():
     assert not editmgt.build_model(config).mgt.content_head
     config.loss.content_weight = 1.0
     assert editmgt.build_model(config).mgt.content_head
+
+
+def test_pixel_head_blocks_are_the_patch_vq_pixels():
+    """The head reads a code vector as `[C, N]` channel-major: pixel n of code k is the decoded block's pixel n."""
+    vq = VQModel(encoder_type="patch", decoder_type="patch", patch_size=2, codebook_size=16, code_dim=12)
+    variables = vq.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+    codes = np.asarray(vq.apply(variables, method=VQModel.code_vectors))  # [V, 12]
+    blocks = np.asarray(vq.apply(variables, jnp.arange(16).reshape(16, 1, 1), method=VQModel.decode_indices))
+    np.testing.assert_allclose(codes.reshape(16, 3, 4).transpose(0, 2, 1), blocks.reshape(16, 4, 3), rtol=1e-6)
+
+
+def test_pixel_head_scores_codes_by_squared_distance_to_the_gated_source_pixels():
+    model = MaskedGenerativeTransformer(codebook_size=16, embed_dim=8, code_content_dim=12, pixel_channels=3)
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.normal(size=(2, 3, 3, 8)), jnp.float32)
+    codes = jnp.asarray(rng.uniform(-1, 1, (16, 12)), jnp.float32)
+    source = jnp.asarray(rng.integers(0, 16, (2, 3, 3)), jnp.int32)
+    method = MaskedGenerativeTransformer._pixel_logits
+    variables = model.init(jax.random.key(0), hidden, codes, source, method=method)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), nn.unbox(variables["params"]))
+    logits, prediction = model.apply(variables, hidden, codes, source, method=method)
+
+    code_pixels = np.asarray(codes, np.float64).reshape(16, 3, 4).transpose(0, 2, 1)  # [V, N, C]
+    src = code_pixels[np.asarray(source)]  # [B, h, w, N, C]
+    h = np.asarray(hidden, np.float64) @ params["pixel_from_hidden"]["kernel"] + params["pixel_from_hidden"]["bias"]
+    features = h[..., None, :] + src @ params["pixel_from_source"]["kernel"] + params["pixel_position"]
+    gelu = 0.5 * features * (1 + np.tanh(np.sqrt(2 / np.pi) * (features + 0.044715 * features**3)))
+    out = gelu @ params["pixel_out"]["kernel"] + params["pixel_out"]["bias"]  # [B, h, w, N, 4]
+    gate = 1 / (1 + np.exp(-(out[..., 3:] - 2.0)))
+    expected = gate * out[..., :3] + (1 - gate) * src
+    np.testing.assert_allclose(np.asarray(prediction), expected, rtol=1e-4, atol=1e-5)
+    distance = np.sum((expected[..., None, :, :] - code_pixels) ** 2, axis=(-2, -1))  # [B, h, w, V]
+    np.testing.assert_allclose(np.asarray(logits), -10.0 * distance, rtol=1e-4, atol=1e-3)
+    # The nearest code wins: the argmax is the code closest to the predicted pixels.
+    np.testing.assert_array_equal(np.asarray(logits).argmax(-1), distance.argmin(-1))
+    with pytest.raises(ValueError, match="pixel_channels"):
+        bad = MaskedGenerativeTransformer(codebook_size=16, embed_dim=8, code_content_dim=10, pixel_channels=3)
+        bad.init(jax.random.key(0), hidden, codes[:, :10], source, method=method)
+
+
+def test_pixel_head_trains_and_edits_and_gamma_zero_removes_the_source_pixels():
+    model, objective, variables, batch = _tiny_editor(pixel_head=True)
+    assert "pixel_out" in variables["params"]["mgt"]
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    grads = jax.grad(lambda p: objective.loss(p, state, device_batch, jax.random.key(3))[0])(params)
+    for name in ("pixel_out", "pixel_from_source", "pixel_log_scale"):
+        assert np.abs(np.asarray(jax.tree.leaves(grads["mgt"][name])[0])).max() > 0, name
+    mask = jnp.asarray(batch["text_mask"])
+    hidden, pooled = model.encode_text(params, jnp.asarray(batch["text_ids"]), mask)
+    tokens = jnp.full((2, 4, 4), model.mgt.mask_token_id, jnp.int32)
+    source = model.encode_images(state, jnp.asarray(batch["source_image"]))
+    text = (hidden, mask, pooled)
+    logits, _, sown = model.logits(params, tokens, text, jnp.ones((2,)), source, model_state=state,
+                                   sown=("pixel_prediction",))  # fmt: skip
+    assert sown["pixel_prediction"].shape == (2, 4, 4, 4, 3)
+    zero = [model.logits(params, tokens, text, jnp.ones((2,)), s, gamma=0.0, model_state=state)[0]
+            for s in (source, (source + 5) % 16)]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(zero[0]), np.asarray(zero[1]))
+    settings = editmgt.SamplingSettings(num_steps=2, attention_layers=(0, 2))
+    out = editmgt.run_edits(editmgt.make_edit_fn(model, settings), params, state, batch, settings)
+    assert out["images"].shape == (2, 8, 8, 3)
+
+
+def test_build_model_pixel_head_needs_a_patch_vq():
+    config = config_lib.load_config("configs/editmgt/edit.py:size=32,tiny")
+    config.text.vocab = "make the red circle blue"
+    config.model.pixel_head = True
+    config.tokenizer.model_json = json.dumps(
+        config_lib.load_config("configs/tokenizer/vq.py:size=32,patch").model.to_dict()
+    )
+    assert editmgt.build_model(config).mgt.pixel_channels == 3
+    config.tokenizer.model_json = json.dumps(config_lib.load_config("configs/tokenizer/vq.py:size=32").model.to_dict())
+    with pytest.raises(ValueError, match="patch VQ"):
+        editmgt.build_model(config)
 
 
 def test_logits_return_a_submodule_value_by_path():

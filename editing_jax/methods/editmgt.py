@@ -147,7 +147,8 @@ class EditMGT:
     ) -> tuple[jax.Array, ...]:
         """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`
         (else None); with `sown` names, also a dict of those sown values: 'copy_score' `[B, h, w]` (needs
-        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`), a submodule's
+        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`), 'pixel_prediction' `[B, h, w, N, C]`
+        (needs `pixel_channels`), a submodule's
         value by path, e.g. 'text_cross_blocks_1/text_gate' `[B, g]` (needs `text_cross_attention`).
 
         `model_state` (the frozen tokenizer) is needed when the MGT reads code content (`code_content_dim > 0`).
@@ -171,8 +172,8 @@ class EditMGT:
                 value = value.get(part) if isinstance(value, Mapping) else None
             if value is None:
                 raise ValueError(f"the model sowed no {name!r}: 'copy_score' needs source_copy and cond_tokens, "
-                                 "'content_prediction' needs content_head, 'text_cross_blocks_i/text_gate' needs "
-                                 "text_cross_attention")  # fmt: skip
+                                 "'content_prediction' needs content_head, 'pixel_prediction' needs pixel_head, "
+                                 "'text_cross_blocks_i/text_gate' needs text_cross_attention")  # fmt: skip
             values[name] = value[0]
         return logits, probs, values
 
@@ -699,6 +700,12 @@ def build_model(config) -> EditMGT:
     mgt_kwargs["code_content_dim"] = vq.code_dim if mgt_kwargs.pop("code_content", False) else 0
     # The content head exists only in runs trained with its loss, so older checkpoints keep their parameter tree.
     mgt_kwargs["content_head"] = float(config.loss.get("content_weight", 0.0)) > 0
+    # `model.pixel_head` (bool) scores codes by their pixels (see MaskedGenerativeTransformer.pixel_channels).
+    if mgt_kwargs.pop("pixel_head", False):
+        if vq.decoder_type != "patch" or not mgt_kwargs["code_content_dim"]:
+            raise ValueError("model.pixel_head needs model.code_content and a patch VQ tokenizer (its codes are "
+                             "pixel blocks; configs/tokenizer/vq.py:patch)")  # fmt: skip
+        mgt_kwargs["pixel_channels"] = vq.out_channels
     mgt = MaskedGenerativeTransformer(codebook_size=vq.codebook_size, **mgt_kwargs)
     size = int(config.data.size)
     if size % vq.downsample_factor:

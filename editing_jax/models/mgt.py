@@ -39,6 +39,10 @@ from editing_jax.nn.transformer import (
 )
 
 Dtype = Any
+# The pixel head's initial logit scale (1 / 0.1 per unit of squared pixel distance) and gate offset (a fresh head
+# mostly keeps the source pixel: sigmoid(-2) = 0.12).
+PIXEL_LOG_SCALE_INIT = float(np.log(10.0))
+PIXEL_GATE_OFFSET = -2.0
 # Additive logit standing in for log(0): exp(-1e9 - max) is exactly 0 in float32.
 NEG_INF_BIAS = -1e9
 
@@ -98,6 +102,13 @@ class MaskedGenerativeTransformer(nn.Module):
         last text cross-attention block's gate, so a token the instruction is about is not copied from the source.
         Not in EditMGT: with the gate supervised (`loss.text_gate_weight`) the model knows where the edit is (AUROC
         0.95 on recolored tokens) and still copies most of those tokens (docs/RESULTS.md).
+      pixel_channels: C > 0 adds the pixel head (needs code content whose vectors are pixel blocks, `F = C * N`
+        channel-major, as the patch VQ's): from the final hidden state and the source code's N pixels, a per-pixel
+        MLP predicts each pixel of the block as a gated change of the source pixel, `p = g * c + (1 - g) * s`, and
+        every code k gets the logit `-scale * ||pixels_k - p||^2` (scale learned). Not in EditMGT: a recolored or
+        newly drawn shape's edge block mixes object and background pixels, and choosing its id among 1,024 opaque
+        codes means learning one lookup per (shape mask, color pair); per pixel it is one rule, "this source pixel
+        belongs to the named object: give it the new color" (docs/RESULTS.md, EditMGT: edge blocks).
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
@@ -125,6 +136,7 @@ class MaskedGenerativeTransformer(nn.Module):
     text_cross_attention: bool = False
     text_cross_positions: bool = False
     text_gate_copy: bool = False
+    pixel_channels: int = 0
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
     dtype: Dtype = jnp.float32
@@ -187,6 +199,18 @@ class MaskedGenerativeTransformer(nn.Module):
             if not self.code_content_dim:
                 raise ValueError("content_head needs code_content_dim > 0")
             self.content_regressor = Dense(self.code_content_dim, ("embed", None), **kwargs)
+        if self.pixel_channels:
+            if not self.code_content_dim or self.code_content_dim % self.pixel_channels:
+                raise ValueError(f"pixel_channels={self.pixel_channels} needs code content whose vector size "
+                                 f"(code_content_dim={self.code_content_dim}) is a multiple of it")  # fmt: skip
+            pixels = self.code_content_dim // self.pixel_channels
+            self.pixel_from_hidden = Dense(self.embed_dim, ("embed", None), **kwargs)
+            self.pixel_from_source = Dense(self.embed_dim, (None, None), use_bias=False, **kwargs)
+            self.pixel_position = self.param("pixel_position", nn.initializers.normal(0.02), (pixels, self.embed_dim),
+                                             self.param_dtype)  # fmt: skip
+            self.pixel_out = Dense(self.pixel_channels + 1, (None, None), **kwargs)  # color, gate logit
+            self.pixel_log_scale = self.param("pixel_log_scale", nn.initializers.constant(PIXEL_LOG_SCALE_INIT), (),
+                                              jnp.float32)  # fmt: skip
         if self.source_skip:
             self.source_skip_proj = Dense(width, (None, "embed"), use_bias=False,
                                           kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
@@ -200,6 +224,38 @@ class MaskedGenerativeTransformer(nn.Module):
             raise ValueError(f"code_content_dim={self.code_content_dim} needs code_features of shape "
                              f"{(self.codebook_size, self.code_content_dim)}, got {shape}")  # fmt: skip
         return standardize_code_features(code_features)
+
+    def _pixel_logits(self, hidden: jax.Array, code_features: jax.Array, source: jax.Array | None,
+                      strength: float | jax.Array = 1.0) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """The pixel head (see `pixel_channels`).
+
+        Args:
+          hidden: `[B, h, w, D]` final hidden state at token resolution.
+          code_features: `[V, C * N]` raw (not standardized) codebook pixel blocks, channel-major.
+          source: `[B, h, w]` source tokens, or None (no condition: the source pixels are 0).
+          strength: scales the source pixels like the other source paths (min(gamma, 1); 0 removes them exactly).
+
+        Returns:
+          logits `[B, h, w, V]` and the predicted pixels `[B, h, w, N, C]`.
+        """
+        channels = self.pixel_channels
+        codes = jax.lax.stop_gradient(code_features.astype(jnp.float32))
+        vocab = codes.shape[0]
+        code_pixels = codes.reshape(vocab, channels, -1).transpose(0, 2, 1)  # [V, N, C]
+        if source is None:
+            source_pixels = jnp.zeros((*hidden.shape[:3], *code_pixels.shape[1:]), jnp.float32)
+        else:
+            source_pixels = strength * code_pixels[source]  # [B, h, w, N, C]
+        features = (self.pixel_from_hidden(hidden)[..., None, :] + self.pixel_from_source(source_pixels)
+                    + self.pixel_position.astype(hidden.dtype))  # fmt: skip
+        out = self.pixel_out(nn.gelu(features)).astype(jnp.float32)  # [B, h, w, N, C + 1]
+        gate = jax.nn.sigmoid(out[..., -1:] + PIXEL_GATE_OFFSET)  # [B, h, w, N, 1]
+        prediction = gate * out[..., :-1] + (1.0 - gate) * source_pixels  # [B, h, w, N, C]
+        flat_codes = code_pixels.reshape(vocab, -1)  # [V, N*C]
+        flat = prediction.reshape(*prediction.shape[:3], -1)  # [B, h, w, N*C]
+        distance = (jnp.sum(flat**2, -1, keepdims=True) - 2.0 * jnp.einsum("bhwf,vf->bhwv", flat, flat_codes)
+                    + jnp.sum(flat_codes**2, -1))  # fmt: skip
+        return -jnp.exp(self.pixel_log_scale) * distance, prediction
 
     def _embed_tokens(self, tokens: jax.Array, codes: jax.Array | None) -> jax.Array:
         """tokens `[B, h, w]` -> `[B, h, w, D]`: the id embedding plus, with code content, its code vector's."""
@@ -324,6 +380,12 @@ class MaskedGenerativeTransformer(nn.Module):
             queries = self.content_query(hidden)  # [B, h, w, E]
             content = jnp.einsum("bhwe,ve->bhwv", queries, keys.astype(queries.dtype)) / np.sqrt(self.embed_dim)
             logits = logits + content.astype(logits.dtype)
+        if self.pixel_channels:
+            if code_features is None:
+                raise ValueError("pixel_channels > 0 needs code_features")
+            pixel_logits, prediction = self._pixel_logits(hidden, code_features, cond_tokens, strength)
+            logits = logits + pixel_logits.astype(logits.dtype)
+            self.sow("intermediates", "pixel_prediction", prediction)  # [B, h, w, N, C]
         if self.content_head:
             self.sow("intermediates", "content_prediction", self.content_regressor(hidden))  # [B, h, w, F]
         if self.source_copy and cond_tokens is not None:
