@@ -554,6 +554,7 @@ def test_pixel_head_scores_codes_by_squared_distance_to_the_gated_source_pixels(
     source = jnp.asarray(rng.integers(0, 16, (2, 3, 3)), jnp.int32)
     method = MaskedGenerativeTransformer._pixel_logits
     variables = model.init(jax.random.key(0), hidden, codes, source, method=method)
+    variables = {"params": {**variables["params"], "pixel_log_scale": jnp.log(3.0)}}  # a learned scale of 3
     params = jax.tree.map(lambda x: np.asarray(x, np.float64), nn.unbox(variables["params"]))
     logits, prediction = model.apply(variables, hidden, codes, source, method=method)
 
@@ -567,7 +568,7 @@ def test_pixel_head_scores_codes_by_squared_distance_to_the_gated_source_pixels(
     expected = gate * out[..., :3] + (1 - gate) * src
     np.testing.assert_allclose(np.asarray(prediction), expected, rtol=1e-4, atol=1e-5)
     distance = np.sum((expected[..., None, :, :] - code_pixels) ** 2, axis=(-2, -1))  # [B, h, w, V]
-    np.testing.assert_allclose(np.asarray(logits), -10.0 * distance, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(logits), -3.0 * distance, rtol=1e-4, atol=1e-3)
     # The nearest code wins: the argmax is the code closest to the predicted pixels.
     np.testing.assert_array_equal(np.asarray(logits).argmax(-1), distance.argmin(-1))
     with pytest.raises(ValueError, match="pixel_channels"):

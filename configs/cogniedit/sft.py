@@ -47,7 +47,9 @@ def get_config(arg=None):
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
             "zero_init_output": True,
-            "text_cross_attention": False,  # not in Flux; see FlowDiT.text_cross_attention
+            # Image tokens also read the text per token, with their gates supervised by the world's edit mask
+            # (loss.text_gate_weight): 16.0 % held-out vs 12.9 % without (docs/RESULTS.md, CogniEdit: SFT base).
+            "text_cross_attention": True,  # not in Flux; see FlowDiT.text_cross_attention
             "lora_rank": 0,  # Full fine-tuning here; GRPO adds LoRA adapters on top of this run.
             "dtype": "float32",
             "param_dtype": "float32",
@@ -55,7 +57,7 @@ def get_config(arg=None):
     )
     # text_gate_weight: weight of the per-token "is this cell edited" loss on the gates of model.text_cross_attention.
     config.loss = ml_collections.ConfigDict(
-        {"cfg_dropout": 0.1, "timestep_sampling": "logit_normal", "text_gate_weight": 0.0}
+        {"cfg_dropout": 0.1, "timestep_sampling": "logit_normal", "text_gate_weight": 1.0}
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
     config.data = defaults.world_data_config(size, batch_size=4 if tiny else 32, num_eval_examples=8 if tiny else 256)

@@ -39,9 +39,9 @@ from editing_jax.nn.transformer import (
 )
 
 Dtype = Any
-# The pixel head's initial logit scale (1 / 0.1 per unit of squared pixel distance) and gate offset (a fresh head
-# mostly keeps the source pixel: sigmoid(-2) = 0.12).
-PIXEL_LOG_SCALE_INIT = float(np.log(10.0))
+# The pixel head's initial logit scale (1 per unit of squared pixel distance; 10 made early training unstable,
+# docs/RESULTS.md) and gate offset (a fresh head mostly keeps the source pixel: sigmoid(-2) = 0.12).
+PIXEL_LOG_SCALE_INIT = 0.0
 PIXEL_GATE_OFFSET = -2.0
 # Additive logit standing in for log(0): exp(-1e9 - max) is exactly 0 in float32.
 NEG_INF_BIAS = -1e9
