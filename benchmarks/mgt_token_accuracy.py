@@ -11,6 +11,8 @@ is the target ('content_nearest_code'): whether the hidden state knows the new l
 'changed_by_block_kind' splits the changed tokens' accuracy (and copy rate) by whether the target code's pixel block
 is uniform (mean per-channel std of its pixels below 2 % of the codebook's range: the inside of a shape) or mixed
 (edges, outlines, patterned backgrounds).
+For a model with the pixel head (`model.pixel_head`) it reports how often the code nearest the predicted pixels is the
+target, on changed tokens per block kind and edit type ('pixel_nearest_code').
 For a model with text cross-attention (`model.text_cross_attention`) it reports, per block and edit type, the AUROC
 of each image token's text gate (1 - p(null)) against the changed tokens ('text_gate_auroc'; 0.5 = no grounding).
 """
@@ -52,7 +54,8 @@ def main() -> None:
     types = np.asarray([str(t) for t in batch["edit_type"]])  # [N]
     codes = np.asarray(standardize_code_features(model.code_features(state))) if model.mgt.content_head else None
     raw_codes = np.asarray(model.code_features(state))  # [V, F]: for the patch VQ, 2x2 pixel blocks (x 3 channels)
-    block_spread = raw_codes.reshape(len(raw_codes), -1, 3).std(axis=1).mean(axis=-1)  # [V]
+    # A code vector is channel-major, [3, 4] (models/mgt.py pixel_channels): spread of each channel over the pixels.
+    block_spread = raw_codes.reshape(len(raw_codes), 3, -1).std(axis=2).mean(axis=-1)  # [V]
     uniform_code = block_spread < 0.02 * (raw_codes.max() - raw_codes.min())  # [V]
     uniform_target = uniform_code[np.asarray(target)]  # [N, h, w]
 
@@ -61,7 +64,10 @@ def main() -> None:
         if model.mgt.text_cross_attention
         else []
     )
-    sown = (("content_prediction",) if codes is not None else ()) + tuple(gates)
+    pixel_head = bool(model.mgt.pixel_channels)
+    sown = (("content_prediction",) if codes is not None else ()) + (("pixel_prediction",) if pixel_head else ())
+    sown += tuple(gates)
+    code_pixels = raw_codes.reshape(len(raw_codes), 3, -1).transpose(0, 2, 1).reshape(len(raw_codes), -1)  # [V, N*3]
 
     def gate_auroc(gate: np.ndarray) -> dict[str, float]:
         """AUROC of a gate `[N, g]` (upsampled to the token grid) against the changed tokens, per edit type."""
@@ -112,6 +118,14 @@ def main() -> None:
             to_source = np.take_along_axis(distances, np.asarray(cond)[..., None], -1)[..., 0]
             row["content_nearer_target"] = changed_by_edit_type(to_target < to_source, masked)
             row["content_nearest_code"] = changed_by_edit_type(distances.argmin(-1) == np.asarray(target), masked)
+        if pixel_head:
+            predicted = np.asarray(outputs[2]["pixel_prediction"]).reshape(*target.shape, -1)  # [N, h, w, 4*3]
+            distances = np.sum((predicted[..., None, :] - code_pixels) ** 2, axis=-1)  # [N, h, w, V]
+            nearest = distances.argmin(-1) == np.asarray(target)
+            row["pixel_nearest_code"] = {
+                kind: changed_by_edit_type(nearest, masked & selected)
+                for kind, selected in (("uniform", uniform_target), ("mixed", ~uniform_target))
+            }
         if gates:
             row["text_gate_auroc"] = {name.split("/")[0]: gate_auroc(np.asarray(outputs[2][name])) for name in gates}
     command = f"python benchmarks/mgt_token_accuracy.py --checkpoint {args.checkpoint} --num {args.num}"

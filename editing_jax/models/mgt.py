@@ -105,10 +105,10 @@ class MaskedGenerativeTransformer(nn.Module):
       pixel_channels: C > 0 adds the pixel head (needs code content whose vectors are pixel blocks, `F = C * N`
         channel-major, as the patch VQ's): from the final hidden state and the source code's N pixels, a per-pixel
         MLP predicts each pixel of the block as a gated change of the source pixel, `p = g * c + (1 - g) * s`, and
-        every code k gets the logit `-scale * ||pixels_k - p||^2` (scale learned). Not in EditMGT: a recolored or
-        newly drawn shape's edge block mixes object and background pixels, and choosing its id among 1,024 opaque
-        codes means learning one lookup per (shape mask, color pair); per pixel it is one rule, "this source pixel
-        belongs to the named object: give it the new color" (docs/RESULTS.md, EditMGT: edge blocks).
+        every code k gets the logit `-scale * ||pixels_k - p||^2` (scale learned). Not in EditMGT: drawing a block in a
+        new color means choosing among 1,024 opaque codes, one lookup per (block shape, color pair) to learn; per
+        pixel it is one rule, "this source pixel belongs to the named object: give it the new color" (docs/RESULTS.md,
+        EditMGT: "What the model cannot draw").
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
