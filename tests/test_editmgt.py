@@ -600,6 +600,25 @@ def test_pixel_head_trains_and_edits_and_gamma_zero_removes_the_source_pixels():
     assert out["images"].shape == (2, 8, 8, 3)
 
 
+def test_pixel_loss_is_weighted_squared_error_against_the_target_code_pixels():
+    model, params, state, device_batch = _loss_setup(pixel_head=True)
+    rng = jax.random.key(6)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
+    pixel_loss = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, pixel_weight=0.5)
+    total, aux = pixel_loss(params, state, device_batch, rng)
+    target, source, masked, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng,
+                                                                 sown=("pixel_prediction",))  # fmt: skip
+    blocks = np.asarray(model.code_features(state), np.float64).reshape(16, 3, 4).transpose(0, 2, 1)  # [V, N, C]
+    predicted = np.asarray(sown["pixel_prediction"], np.float64).reshape(2, 16, 4, 3)
+    squared = np.mean((predicted - blocks[np.asarray(target)]) ** 2, axis=(-2, -1))  # [B, L]
+    weights = np.asarray(masked) * (1.0 + 2.0 * np.asarray(target != source))
+    expected = float(np.sum(squared * weights) / np.sum(weights))
+    np.testing.assert_allclose(float(aux.metrics["pixel_loss"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="pixel_weight"):
+        editmgt.make_loss(_tiny_editor(code_content=True)[0], pixel_weight=1.0)  # no pixel head
+
+
 def test_build_model_pixel_head_needs_a_patch_vq():
     config = config_lib.load_config("configs/editmgt/edit.py:size=32,tiny")
     config.text.vocab = "make the red circle blue"

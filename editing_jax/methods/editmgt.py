@@ -27,7 +27,12 @@ import numpy as np
 import optax
 
 from editing_jax.methods.tokenizer import float_to_uint8, images_to_float
-from editing_jax.models.mgt import MaskedGenerativeTransformer, captured_attention, standardize_code_features
+from editing_jax.models.mgt import (
+    MaskedGenerativeTransformer,
+    captured_attention,
+    code_pixel_blocks,
+    standardize_code_features,
+)
 from editing_jax.models.vq import VQModel
 from editing_jax.sampling import attention_maps, maskgit
 from editing_jax.text.encoder import TextEncoder
@@ -227,7 +232,7 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
-              code_smoothing: float = 0.0):  # fmt: skip
+              code_smoothing: float = 0.0, pixel_weight: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -247,6 +252,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     q(k) proportional to exp(-d(k, y) / tau) with d the mean squared difference of the standardized code vectors
     (for the patch VQ, of the 2x2 pixel blocks): a near-miss code gets partial credit (needs `model.code_content`;
     not in EditMGT). The metrics stay those of the one-hot target.
+    `pixel_weight` > 0 adds the squared error of the pixel head's predicted block (`model.pixel_head`) against the
+    target code's pixels (mean over pixels and channels), weighted like the cross-entropy (not in EditMGT).
     """
     if grounding_weight > 0 and not (model.uses_condition and model.mgt.source_copy):
         raise ValueError("loss.grounding_weight > 0 needs the edit stage and model.source_copy")
@@ -254,11 +261,13 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         raise ValueError("loss.content_weight > 0 needs model.code_content (the MGT then gets its content_head)")
     if code_smoothing > 0 and not model.mgt.code_content_dim:
         raise ValueError("loss.code_smoothing > 0 needs model.code_content (the codebook's vectors)")
+    if pixel_weight > 0 and not model.mgt.pixel_channels:
+        raise ValueError("loss.pixel_weight > 0 needs model.pixel_head")
     if text_gate_weight > 0 and not (model.uses_condition and model.mgt.text_cross_attention):
         raise ValueError("loss.text_gate_weight > 0 needs the edit stage and model.text_cross_attention")
     gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
     sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
-    sown += gates
+    sown += (("pixel_prediction",) if pixel_weight > 0 else ()) + gates
 
     def loss(params, model_state, batch, rng):
         mask_rng, drop_rng = jax.random.split(rng)
@@ -317,6 +326,12 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             content = jnp.sum(squared * weights) / jnp.maximum(jnp.sum(weights), 1.0)
             metrics["content_loss"] = content
             total = total + content_weight * content
+        if pixel_weight > 0:
+            blocks = code_pixel_blocks(model.code_features(model_state), model.mgt.pixel_channels)  # [V, N, C]
+            predicted = outputs[2]["pixel_prediction"].reshape(batch_size, height * width, *blocks.shape[1:])
+            squared = jnp.mean(jnp.square(predicted.astype(jnp.float32) - blocks[labels]), axis=(-2, -1))  # [B, L]
+            metrics["pixel_loss"] = jnp.sum(squared * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+            total = total + pixel_weight * metrics["pixel_loss"]
         if gates:
             grid = height // 2 if model.mgt.downsample else height  # a grid cell changes when any of its tokens does
             cells = cells_with_any(changed_tokens.reshape(batch_size, height, width), grid)  # [B, g]

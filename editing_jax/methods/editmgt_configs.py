@@ -90,6 +90,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # content_weight: weight of the squared error of a regression of the target code vectors (> 0 adds the MGT's
     # content_head; needs model.code_content).
     # code_smoothing: tau > 0 trains on soft targets over codes near the target code (methods/editmgt.py make_loss).
+    # pixel_weight: weight of the squared error of the pixel head's predicted block (needs model.pixel_head).
     # text_gate_weight: weight of the per-grid-cell "is this cell edited" loss on the gates of model.text_cross_attention.
     config.loss = ml_collections.ConfigDict(
         {
@@ -100,6 +101,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "content_weight": 0.0,
             "text_gate_weight": 1.0 if edit else 0.0,
             "code_smoothing": 0.0,
+            "pixel_weight": 0.0,
         }
     )
     # Editing decodes in one argmax step by default: on every trained edit model we measured it matches or beats the

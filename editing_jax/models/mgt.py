@@ -238,10 +238,8 @@ class MaskedGenerativeTransformer(nn.Module):
         Returns:
           logits `[B, h, w, V]` and the predicted pixels `[B, h, w, N, C]`.
         """
-        channels = self.pixel_channels
-        codes = jax.lax.stop_gradient(code_features.astype(jnp.float32))
-        vocab = codes.shape[0]
-        code_pixels = codes.reshape(vocab, channels, -1).transpose(0, 2, 1)  # [V, N, C]
+        code_pixels = code_pixel_blocks(code_features, self.pixel_channels)  # [V, N, C]
+        vocab = code_pixels.shape[0]
         if source is None:
             source_pixels = jnp.zeros((*hidden.shape[:3], *code_pixels.shape[1:]), jnp.float32)
         else:
@@ -410,6 +408,12 @@ def standardize_code_features(code_features: jax.Array) -> jax.Array:
     predicts."""
     features = jax.lax.stop_gradient(code_features.astype(jnp.float32))
     return (features - features.mean(0)) / (features.std(0) + 1e-6)
+
+
+def code_pixel_blocks(code_features: jax.Array, channels: int) -> jax.Array:
+    """Channel-major code vectors `[V, C * N]` (the patch VQ's) -> frozen pixel blocks `[V, N, C]`."""
+    codes = jax.lax.stop_gradient(code_features.astype(jnp.float32))
+    return codes.reshape(codes.shape[0], channels, -1).transpose(0, 2, 1)
 
 
 def captured_attention(model: MaskedGenerativeTransformer, intermediates: dict, layers: tuple[int, ...]) -> jax.Array:
