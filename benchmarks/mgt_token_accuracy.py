@@ -37,7 +37,7 @@ def main() -> None:
     from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
-    from editing_jax.models.mgt import standardize_code_features
+    from editing_jax.models.mgt import code_pixel_blocks, standardize_code_features
 
     editor = inference.load_editor(args.checkpoint)
     model, params, state = editor.model, editor.params, editor.model_state
@@ -67,7 +67,7 @@ def main() -> None:
     pixel_head = bool(model.mgt.pixel_channels)
     sown = (("content_prediction",) if codes is not None else ()) + (("pixel_prediction",) if pixel_head else ())
     sown += tuple(gates)
-    code_pixels = raw_codes.reshape(len(raw_codes), 3, -1).transpose(0, 2, 1).reshape(len(raw_codes), -1)  # [V, N*3]
+    code_pixels = np.asarray(code_pixel_blocks(raw_codes, 3)).reshape(len(raw_codes), -1)  # [V, N*3], pixel-major
 
     def gate_auroc(gate: np.ndarray) -> dict[str, float]:
         """AUROC of a gate `[N, g]` (upsampled to the token grid) against the changed tokens, per edit type."""

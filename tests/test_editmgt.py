@@ -183,7 +183,8 @@ def _tiny_editor(
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
                                       zero_init_modulation=False, code_content_dim=content_dim,
                                       source_copy=source_copy, content_head=content_head,
-                                      text_cross_attention=text_cross, pixel_channels=3 if pixel_head else 0)  # fmt: skip
+                                      text_cross_attention=text_cross,
+                                      pixel_channels=3 if pixel_head else 0)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))

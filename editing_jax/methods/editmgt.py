@@ -152,9 +152,9 @@ class EditMGT:
     ) -> tuple[jax.Array, ...]:
         """MGT logits `[B, h, w, V]` and, if `capture_layers`, attention probabilities `[N, B, heads, L, L]`
         (else None); with `sown` names, also a dict of those sown values: 'copy_score' `[B, h, w]` (needs
-        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`), 'pixel_prediction' `[B, h, w, N, C]`
-        (needs `pixel_channels`), a submodule's
-        value by path, e.g. 'text_cross_blocks_1/text_gate' `[B, g]` (needs `text_cross_attention`).
+        `source_copy` and `cond_tokens`), 'content_prediction' `[B, h, w, F]` (needs `content_head`),
+        'pixel_prediction' `[B, h, w, N, C]` (needs `pixel_channels`), a submodule's value by path, e.g.
+        'text_cross_blocks_1/text_gate' `[B, g]` (needs `text_cross_attention`).
 
         `model_state` (the frozen tokenizer) is needed when the MGT reads code content (`code_content_dim > 0`).
         """
