@@ -36,6 +36,23 @@ def test_tokenizer_ids_spans_and_unknown_words():
     assert tok.encode(["w " * 10])["mask"].sum() == 6  # truncated to max_length
 
 
+def test_text_encoder_word_skip_adds_each_words_normalized_embedding():
+    tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
+    encoded = tokenizer.encode(["make the red circle blue", "make the red circle"], None)
+    ids, mask = jnp.asarray(encoded["ids"]), jnp.asarray(encoded["mask"])
+    kwargs = dict(width=16, num_layers=1, num_heads=2, max_length=6, pooled_dim=8)
+    skip = TextEncoder(tokenizer.vocab_size, word_skip=True, **kwargs)
+    variables = skip.init(jax.random.key(0), ids, mask)
+    params = nn.unbox(variables["params"])
+    assert "word_norm" in params
+    hidden, _ = skip.apply(variables, ids, mask)
+    plain_params = {k: v for k, v in params.items() if k != "word_norm"}
+    plain_hidden, _ = TextEncoder(tokenizer.vocab_size, **kwargs).apply({"params": plain_params}, ids, mask)
+    words = np.asarray(params["token_embedding"]["embedding"], np.float64)[np.asarray(ids)]  # [B, L, D]
+    normalized = (words - words.mean(-1, keepdims=True)) / np.sqrt(words.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.asarray(hidden) - np.asarray(plain_hidden), normalized, rtol=1e-3, atol=1e-4)
+
+
 def test_gamma_bias_blocks():
     bias = np.asarray(gamma_bias(2.0, 2, 3, 3))
     assert bias.shape == (8, 8)

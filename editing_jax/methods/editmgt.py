@@ -696,6 +696,7 @@ def build_text_modules(text_config) -> tuple[WordTokenizer, TextEncoder]:
         num_heads=int(text_config.num_heads),
         max_length=int(text_config.max_length),
         pooled_dim=int(text_config.pooled_dim),
+        word_skip=bool(text_config.get("word_skip", False)),
     )
     return tokenizer, text_encoder
 

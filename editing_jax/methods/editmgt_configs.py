@@ -24,6 +24,7 @@ def text_config(tiny: bool, max_length: int = INSTRUCTION_MAX_LENGTH) -> ml_coll
             "num_layers": 1 if tiny else 2,
             "num_heads": 2 if tiny else 4,
             "pooled_dim": 32 if tiny else 64,
+            "word_skip": False,  # see TextEncoder.word_skip
         }
     )
 

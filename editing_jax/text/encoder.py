@@ -27,6 +27,11 @@ class TextEncoder(nn.Module):
       num_heads: attention heads.
       max_length: maximum sequence length L.
       pooled_dim: width of the pooled embedding.
+      word_skip: add each word's own layer-normalized embedding to its output state, so a word's identity reaches
+        the readers whatever the blocks do. Without it the trained encoders we measured had nearly erased the new
+        color: the states of "make the red circle X" at X differed by 4.5 % between colors after 5,000 EditMGT
+        steps, against 70-110 % at initialization (docs/RESULTS.md, EditMGT: "The text encoder forgets the new
+        color").
     """
 
     vocab_size: int
@@ -35,6 +40,7 @@ class TextEncoder(nn.Module):
     num_heads: int = 4
     max_length: int = 24
     pooled_dim: int = 64
+    word_skip: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -47,6 +53,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text length {length} exceeds max_length {self.max_length}")
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="token_embedding",
                      **kwargs)(ids)  # [B, L, D]  # fmt: skip
+        words = x
         positions = self.param("position_embedding", nn.initializers.normal(0.02), (self.max_length, self.width),
                                self.param_dtype)  # fmt: skip
         x = x + positions[None, :length].astype(self.dtype)
@@ -61,6 +68,8 @@ class TextEncoder(nn.Module):
             y = Dense(4 * self.width, name=f"layers_{i}_fc1", **kwargs)(y)
             x = x + Dense(self.width, name=f"layers_{i}_fc2", **kwargs)(nn.gelu(y))
         x = nn.LayerNorm(name="final_norm", **kwargs)(x)  # [B, L, D]
+        if self.word_skip:
+            x = x + nn.LayerNorm(name="word_norm", **kwargs)(words)
         weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
         mean = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # [B, D]; 0 if empty
         pooled = Dense(self.pooled_dim, name="pooled_proj", **kwargs)(mean)  # [B, P]
