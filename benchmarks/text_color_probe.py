@@ -22,13 +22,13 @@ import numpy as np
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 
 
-def probe(tokenizer, encode) -> dict[str, float]:
+def probe(tokenizer, encoder, variables) -> dict[str, float]:
     """Mean relative differences at the target word, at the kind word and of the pooled embedding."""
     target_word, kind_word, pooled_diff = [], [], []
     for referent in COLORS:
         targets = [c for c in COLORS if c != referent]
         encoded = tokenizer.encode([f"make the {referent} circle {c}" for c in targets], None)
-        hidden, pooled = encode(jnp.asarray(encoded["ids"]), jnp.asarray(encoded["mask"]))
+        hidden, pooled = encoder.apply(variables, jnp.asarray(encoded["ids"]), jnp.asarray(encoded["mask"]))
         hidden, pooled = np.asarray(hidden, np.float64), np.asarray(pooled, np.float64)
         for i, j in itertools.combinations(range(len(targets)), 2):
             target_word.append(np.linalg.norm(hidden[i, 4] - hidden[j, 4]) / np.linalg.norm(hidden[i, 4]))
@@ -55,13 +55,12 @@ def main() -> None:
         model, params = editor.model, editor.params
         row = {"run": run, "step": editor.step, "word_skip": bool(model.text_encoder.word_skip)}
         # The EditMGT and flow editors both keep their TextEncoder's params under 'text_encoder'.
-        trained = {"params": params["text_encoder"]}
-        row["trained"] = probe(model.text_tokenizer, lambda ids, mask: model.text_encoder.apply(trained, ids, mask))
+        encoder = model.text_encoder
+        row["trained"] = probe(model.text_tokenizer, encoder, {"params": params["text_encoder"]})
         if args.fresh:
-            encoder = model.text_encoder
             ids = jnp.zeros((1, encoder.max_length), jnp.int32)
             fresh = encoder.init(jax.random.key(0), ids, jnp.ones((1, encoder.max_length), bool))
-            row["fresh"] = probe(model.text_tokenizer, lambda ids, mask: encoder.apply(fresh, ids, mask))
+            row["fresh"] = probe(model.text_tokenizer, encoder, fresh)
         print(json.dumps(row))
 
 
