@@ -28,10 +28,10 @@ class TextEncoder(nn.Module):
       max_length: maximum sequence length L.
       pooled_dim: width of the pooled embedding.
       word_skip: add each word's own layer-normalized embedding to its output state, so a word's identity reaches
-        the readers whatever the blocks do. Without it the trained encoders we measured had nearly erased the new
-        color: the states of "make the red circle X" at X differed by 4.5 % between colors after 5,000 EditMGT
-        steps, against 70-110 % at initialization (docs/RESULTS.md, EditMGT: "The text encoder forgets the new
-        color").
+        the readers whatever the blocks do. Without it EditMGT training nearly erased the new color: the states of
+        "make the red circle X" at X differed by 4.6 % between colors after 5,000 steps, against 61 % at
+        initialization (`benchmarks/text_color_probe.py`; docs/RESULTS.md, EditMGT: "Pixel head, longer training,
+        and a text encoder that forgets the new color").
     """
 
     vocab_size: int
