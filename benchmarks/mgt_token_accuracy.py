@@ -55,7 +55,8 @@ def main() -> None:
     codes = np.asarray(standardize_code_features(model.code_features(state))) if model.mgt.content_head else None
     raw_codes = np.asarray(model.code_features(state))  # [V, F]: for the patch VQ, 2x2 pixel blocks (x 3 channels)
     # A code vector is channel-major, [3, 4] (models/mgt.py pixel_channels): spread of each channel over the pixels.
-    block_spread = raw_codes.reshape(len(raw_codes), 3, -1).std(axis=2).mean(axis=-1)  # [V]
+    blocks = np.asarray(code_pixel_blocks(raw_codes, 3))  # [V, N, 3]
+    block_spread = blocks.std(axis=1).mean(axis=-1)  # [V]
     uniform_code = block_spread < 0.02 * (raw_codes.max() - raw_codes.min())  # [V]
     uniform_target = uniform_code[np.asarray(target)]  # [N, h, w]
 
@@ -67,7 +68,7 @@ def main() -> None:
     pixel_head = bool(model.mgt.pixel_channels)
     sown = (("content_prediction",) if codes is not None else ()) + (("pixel_prediction",) if pixel_head else ())
     sown += tuple(gates)
-    code_pixels = np.asarray(code_pixel_blocks(raw_codes, 3)).reshape(len(raw_codes), -1)  # [V, N*3], pixel-major
+    code_pixels = blocks.reshape(len(raw_codes), -1)  # [V, N*3], pixel-major
 
     def gate_auroc(gate: np.ndarray) -> dict[str, float]:
         """AUROC of a gate `[N, g]` (upsampled to the token grid) against the changed tokens, per edit type."""

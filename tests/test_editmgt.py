@@ -381,22 +381,35 @@ def test_grounding_loss_is_bce_of_the_copy_score_against_unchanged_tokens():
         editmgt.make_loss(_tiny_editor()[0], grounding_weight=1.0)  # no source_copy
 
 
-def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors():
-    model, params, state, device_batch = _loss_setup(code_content=True, content_head=True)
+def _check_weighted_squared_error(setup, weight_name: str, sown_name: str, squared_error):
+    """Checks an auxiliary squared-error loss (`weight_name` = 0.5) against a float64 reference: its metric is the
+    `edit_weight`-weighted mean over masked tokens of `squared_error(prediction, target) -> [B, L]`, and it adds
+    0.5 x that to the loss. Returns the loss function with the term on and its rng."""
+    model, params, state, device_batch = setup
     rng = jax.random.key(6)
     plain, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
-    content_loss = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, content_weight=0.5)
-    total, aux = content_loss(params, state, device_batch, rng)
+    loss_fn = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, **{weight_name: 0.5})
+    total, aux = loss_fn(params, state, device_batch, rng)
     target, source, masked, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng,
-                                                                 sown=("content_prediction",))  # fmt: skip
-    codebook = np.asarray(model.code_features(state), np.float64)  # [V, F]
-    standardized = (codebook - codebook.mean(0)) / (codebook.std(0) + 1e-6)
-    predicted = np.asarray(sown["content_prediction"], np.float64).reshape(2, 16, -1)
-    squared = np.mean((predicted - standardized[np.asarray(target)]) ** 2, axis=-1)  # [B, L]
+                                                                 sown=(sown_name,))  # fmt: skip
+    squared = squared_error(np.asarray(sown[sown_name], np.float64), np.asarray(target))  # [B, L]
     weights = np.asarray(masked) * (1.0 + 2.0 * np.asarray(target != source))
     expected = float(np.sum(squared * weights) / np.sum(weights))
-    np.testing.assert_allclose(float(aux.metrics["content_loss"]), expected, rtol=1e-4)
+    metric = weight_name.replace("_weight", "_loss")
+    np.testing.assert_allclose(float(aux.metrics[metric]), expected, rtol=1e-4)
     np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
+    return loss_fn, rng
+
+
+def test_content_loss_is_weighted_squared_error_against_the_target_code_vectors():
+    model, params, state, device_batch = setup = _loss_setup(code_content=True, content_head=True)
+    codebook = np.asarray(model.code_features(state), np.float64)  # [V, F]
+    standardized = (codebook - codebook.mean(0)) / (codebook.std(0) + 1e-6)
+
+    def squared_error(predicted, target):
+        return np.mean((predicted.reshape(2, 16, -1) - standardized[target]) ** 2, axis=-1)  # [B, L]
+
+    content_loss, rng = _check_weighted_squared_error(setup, "content_weight", "content_prediction", squared_error)
     grads = jax.grad(lambda p: content_loss(p, state, device_batch, rng)[1].metrics["content_loss"])(params)
     assert _gradient_mass(grads["mgt"]["content_regressor"]) > 0.0
     assert _gradient_mass(grads["text_encoder"]) > 0.0
@@ -619,20 +632,13 @@ def test_pixel_head_trains_and_edits_and_gamma_zero_removes_the_source_pixels():
 
 
 def test_pixel_loss_is_weighted_squared_error_against_the_target_code_pixels():
-    model, params, state, device_batch = _loss_setup(pixel_head=True)
-    rng = jax.random.key(6)
-    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0)(params, state, device_batch, rng)
-    pixel_loss = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, pixel_weight=0.5)
-    total, aux = pixel_loss(params, state, device_batch, rng)
-    target, source, masked, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng,
-                                                                 sown=("pixel_prediction",))  # fmt: skip
+    model, _, state, _ = setup = _loss_setup(pixel_head=True)
     blocks = np.asarray(model.code_features(state), np.float64).reshape(16, 3, 4).transpose(0, 2, 1)  # [V, N, C]
-    predicted = np.asarray(sown["pixel_prediction"], np.float64).reshape(2, 16, 4, 3)
-    squared = np.mean((predicted - blocks[np.asarray(target)]) ** 2, axis=(-2, -1))  # [B, L]
-    weights = np.asarray(masked) * (1.0 + 2.0 * np.asarray(target != source))
-    expected = float(np.sum(squared * weights) / np.sum(weights))
-    np.testing.assert_allclose(float(aux.metrics["pixel_loss"]), expected, rtol=1e-4)
-    np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
+
+    def squared_error(predicted, target):
+        return np.mean((predicted.reshape(2, 16, 4, 3) - blocks[target]) ** 2, axis=(-2, -1))  # [B, L]
+
+    _check_weighted_squared_error(setup, "pixel_weight", "pixel_prediction", squared_error)
     with pytest.raises(ValueError, match="pixel_weight"):
         editmgt.make_loss(_tiny_editor(code_content=True)[0], pixel_weight=1.0)  # no pixel head
 
