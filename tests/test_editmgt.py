@@ -36,6 +36,16 @@ def test_tokenizer_ids_spans_and_unknown_words():
     assert tok.encode(["w " * 10])["mask"].sum() == 6  # truncated to max_length
 
 
+def test_bag_of_words_counts_every_word_of_each_text():
+    tok = WordTokenizer(VOCAB, max_length=3, num_hash_buckets=4)
+    counts = tok.bag_of_words(["the red circle, the blue circle and a zebra", ""])
+    assert counts.shape == (2, tok.vocab_size)
+    assert counts[0, tok.word_id("circle")] == 2 and counts[0, tok.word_id("the")] == 2
+    assert counts[0, tok.word_id("zebra")] == 1 and tok.word_id("zebra") > len(VOCAB)  # a hashed bucket
+    assert counts[0].sum() == 9  # not cut at max_length
+    assert counts[1].sum() == 0 and counts[:, 0].sum() == 0  # nothing counts as padding
+
+
 def test_text_encoder_word_skip_adds_each_words_normalized_embedding():
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
     encoded = tokenizer.encode(["make the red circle blue", "make the red circle"], None)
@@ -186,7 +196,13 @@ def test_editmgt_feeds_the_vq_codebook_as_code_content():
 
 
 def _tiny_editor(
-    stage="edit", code_content=False, source_copy=False, content_head=False, text_cross=False, pixel_head=False
+    stage="edit",
+    code_content=False,
+    source_copy=False,
+    content_head=False,
+    text_cross=False,
+    pixel_head=False,
+    loss_options=None,
 ):
     if pixel_head:  # the patch VQ: a code is a 2x2 pixel block (F = 12)
         vq = VQModel(encoder_type="patch", decoder_type="patch", patch_size=2, codebook_size=16, code_dim=12)
@@ -206,12 +222,13 @@ def _tiny_editor(
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
     objective = editmgt.make_objective(model, vq_vars, cfg_dropout=0.5, settings=editmgt.SamplingSettings(
-        num_steps=3, attention_layers=(0, 2)), eval_threshold=0.3)  # fmt: skip
+        num_steps=3, attention_layers=(0, 2)), eval_threshold=0.3, loss_options=loss_options)  # fmt: skip
     batch = model.prepare_batch({
         "source_image": images,
         "target_image": images[::-1].copy(),
         "instruction": np.asarray(["make the red circle blue", "make a circle"], object),
         "target_caption": np.asarray(["a blue circle", "a red circle"], object),
+        "source_caption": np.asarray(["a red circle", "a red circle a red circle"], object),
         "keyword_span": np.asarray([[9, 19], [7, 13]], np.int32),
     })  # fmt: skip
     variables = objective.init(jax.random.key(2), {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object})
@@ -441,6 +458,45 @@ def test_text_gate_loss_is_bce_of_the_gates_against_changed_grid_cells():
     assert float(dropped.metrics["text_gate_loss"]) == 0.0
     with pytest.raises(ValueError, match="text_gate_weight"):
         editmgt.make_loss(_tiny_editor()[0], text_gate_weight=1.0)  # no text cross-attention
+
+
+def test_caption_change_loss_predicts_target_minus_source_caption_word_counts():
+    model, _, variables, batch = _tiny_editor(loss_options={"caption_change_weight": 0.5})
+    tok = model.text_tokenizer
+    change = batch["caption_change"]  # "a red circle" -> "a blue circle"; twice "a red circle" -> once
+    expected_change = np.zeros_like(change)
+    expected_change[0, tok.word_id("red")], expected_change[0, tok.word_id("blue")] = -1, 1
+    expected_change[1, [tok.word_id("a"), tok.word_id("red"), tok.word_id("circle")]] = -1
+    np.testing.assert_array_equal(change, expected_change)
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    params, state = dict(variables["params"]), {"tokenizer": variables["tokenizer"]}
+    head = nn.meta.unbox(params["caption_change_head"]["proj"])
+    assert not np.any(np.asarray(head["kernel"]))  # a fresh head predicts no change
+    rngs = jax.random.split(jax.random.key(3), 2)
+    head = {
+        "kernel": jax.random.normal(rngs[0], head["kernel"].shape),
+        "bias": jax.random.normal(rngs[1], head["bias"].shape),
+    }
+    params["caption_change_head"] = {"proj": head}
+    rng = jax.random.key(8)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
+    change_loss = editmgt.make_loss(model, cfg_dropout=0.0, caption_change_weight=0.5)
+    total, aux = change_loss(params, state, device_batch, rng)
+    _, pooled = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
+    predicted = np.asarray(pooled, np.float64) @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"])
+    expected = float(np.mean(np.sum((predicted - change) ** 2, axis=-1)))
+    np.testing.assert_allclose(float(aux.metrics["caption_change_loss"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
+    changed = change != 0
+    recall = float(np.mean(np.round(predicted)[changed] == change[changed]))
+    np.testing.assert_allclose(float(aux.metrics["caption_change_recall"]), recall, rtol=1e-6)
+    grads = jax.grad(lambda p: change_loss(p, state, device_batch, rng)[1].metrics["caption_change_loss"])(params)
+    assert _gradient_mass(grads["text_encoder"]) > 0.0 and _gradient_mass(grads["mgt"]) == 0.0
+    # Rows whose text is dropped (classifier-free guidance) are left out: with every row dropped the loss is 0.
+    _, dropped = editmgt.make_loss(model, cfg_dropout=1.0, caption_change_weight=0.5)(params, state, device_batch, rng)
+    assert float(dropped.metrics["caption_change_loss"]) == 0.0
+    with pytest.raises(ValueError, match="caption_change_weight"):
+        editmgt.make_loss(_tiny_editor(stage="t2i")[0], caption_change_weight=1.0)
 
 
 def test_code_smoothing_trains_on_soft_targets_by_code_distance():

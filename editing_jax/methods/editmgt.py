@@ -35,7 +35,7 @@ from editing_jax.models.mgt import (
 )
 from editing_jax.models.vq import VQModel
 from editing_jax.sampling import attention_maps, maskgit
-from editing_jax.text.encoder import TextEncoder
+from editing_jax.text.encoder import CaptionChangeHead, TextEncoder, caption_change_loss
 from editing_jax.text.tokenizer import WordTokenizer
 from editing_jax.train.objective import Batch, LossAux, Objective
 
@@ -185,7 +185,8 @@ class EditMGT:
 
 def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Batch:
     """Adds 'text_ids', 'text_mask' and 'keyword_mask' [B, Lt] to a host batch: the 'instruction' (with its
-    'keyword_span' when present) for stage 'edit', the 'target_caption' for 't2i'."""
+    'keyword_span' when present) for stage 'edit', the 'target_caption' for 't2i'. An edit batch with both captions
+    also gets 'caption_change' [B, vocab_size]: target minus source caption word counts (`CaptionChangeHead`)."""
     batch = dict(batch)
     if stage == "edit":
         texts = [str(t) for t in batch["instruction"]]
@@ -197,6 +198,10 @@ def tokenize_text(text_tokenizer: WordTokenizer, batch: Batch, stage: str) -> Ba
     batch["text_ids"] = encoded["ids"]
     batch["text_mask"] = encoded["mask"]
     batch["keyword_mask"] = encoded["span_mask"]
+    if stage == "edit" and "source_caption" in batch and "target_caption" in batch:
+        batch["caption_change"] = text_tokenizer.bag_of_words([str(t) for t in batch["target_caption"]]) - (
+            text_tokenizer.bag_of_words([str(t) for t in batch["source_caption"]])
+        )
     return batch
 
 
@@ -232,7 +237,8 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
-              code_smoothing: float = 0.0, pixel_weight: float = 0.0):  # fmt: skip
+              code_smoothing: float = 0.0, pixel_weight: float = 0.0,
+              caption_change_weight: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -254,6 +260,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     not in EditMGT). The metrics stay those of the one-hot target.
     `pixel_weight` > 0 adds the squared error of the pixel head's predicted block (`model.pixel_head`) against the
     target code's pixels (mean over pixels and channels), weighted like the cross-entropy (not in EditMGT).
+    `caption_change_weight` > 0 adds `text.encoder.caption_change_loss`: the 'caption_change_head' params predict
+    the batch's 'caption_change' (target minus source caption word counts) from the pooled instruction embedding, on
+    the rows that kept their text (edit stage only; not in EditMGT).
     """
     if grounding_weight > 0 and not (model.uses_condition and model.mgt.source_copy):
         raise ValueError("loss.grounding_weight > 0 needs the edit stage and model.source_copy")
@@ -265,6 +274,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         raise ValueError("loss.pixel_weight > 0 needs model.pixel_head")
     if text_gate_weight > 0 and not (model.uses_condition and model.mgt.text_cross_attention):
         raise ValueError("loss.text_gate_weight > 0 needs the edit stage and model.text_cross_attention")
+    if caption_change_weight > 0 and not model.uses_condition:
+        raise ValueError("loss.caption_change_weight > 0 needs the edit stage (source and target captions)")
+    caption_head = CaptionChangeHead(model.text_tokenizer.vocab_size)
     gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
     sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
     sown += (("pixel_prediction",) if pixel_weight > 0 else ()) + gates
@@ -340,6 +352,12 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             metrics["text_gate_loss"] = sum(loss for loss, _ in per_block) / len(gates)
             metrics["text_gate_accuracy"] = per_block[-1][1]
             total = total + text_gate_weight * metrics["text_gate_loss"]
+        if caption_change_weight > 0:
+            predicted = caption_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]
+            change = batch["caption_change"]  # [B, V]
+            loss_value, recall = caption_change_loss(predicted, change, ~drop)
+            metrics["caption_change_loss"], metrics["caption_change_recall"] = loss_value, recall
+            total = total + caption_change_weight * loss_value
         metrics["loss"] = total
         return total, LossAux(metrics=metrics, model_state=model_state)
 
@@ -583,7 +601,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
                    loss_options: dict[str, float] | None = None) -> Objective:  # fmt: skip
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
     'mgt' / 'text_encoder' params (a previous stage's run); `loss_options` are `make_loss`'s weights (edit_weight,
-    focus_prob, grounding_weight, content_weight, text_gate_weight)."""
+    focus_prob, grounding_weight, content_weight, text_gate_weight, caption_change_weight, ...)."""
     edit_fn = make_edit_fn(model, settings)
     if not model.uses_condition:
         eval_threshold = 0.0  # t2i has no source to hold regions of
@@ -609,6 +627,9 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
             code_features=model.code_features({"tokenizer": frozen_tokenizer}),
         )["params"]
         params = {"mgt": mgt_params, "text_encoder": text_params}
+        if (loss_options or {}).get("caption_change_weight", 0.0) > 0:
+            head = CaptionChangeHead(model.text_tokenizer.vocab_size)
+            params["caption_change_head"] = head.init(jax.random.fold_in(text_rng, 1), pooled)["params"]
         if init_params is not None:
             params = replace_params(params, init_params)
         return {"params": params, "tokenizer": frozen_tokenizer}

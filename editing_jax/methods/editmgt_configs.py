@@ -93,6 +93,8 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # code_smoothing: tau > 0 trains on soft targets over codes near the target code (methods/editmgt.py make_loss).
     # pixel_weight: weight of the squared error of the pixel head's predicted block (needs model.pixel_head).
     # text_gate_weight: weight of the per-grid-cell "is this cell edited" loss on the gates of model.text_cross_attention.
+    # caption_change_weight: weight of the loss of a head predicting target minus source caption word counts from the
+    # pooled instruction embedding (text/encoder.py CaptionChangeHead).
     config.loss = ml_collections.ConfigDict(
         {
             "cfg_dropout": 0.1,
@@ -103,6 +105,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "text_gate_weight": 1.0 if edit else 0.0,
             "code_smoothing": 0.0,
             "pixel_weight": 0.0,
+            "caption_change_weight": 0.0,
         }
     )
     # Editing decodes in one argmax step by default: on every trained edit model we measured it matches or beats the

@@ -74,3 +74,51 @@ class TextEncoder(nn.Module):
         mean = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # [B, D]; 0 if empty
         pooled = Dense(self.pooled_dim, name="pooled_proj", **kwargs)(mean)  # [B, P]
         return x, pooled
+
+
+class CaptionChangeHead(nn.Module):
+    """Predicts how an edit changes the image's caption, word by word, from the pooled instruction embedding.
+
+    Its loss (`caption_change_loss`) is an auxiliary training signal for the text encoder, not in EditMGT or
+    CogniEdit: target minus source caption word counts (e.g. "make the red circle blue": red -1, blue +1). A text
+    encoder trained only through an editor learns to find the named object (the referent's color) and lets the new
+    attribute fade: in "make the red circle blue" the two color words differ only by their role, which lives in
+    low-variance contextual features (docs/RESULTS.md, EditMGT: "The instruction's new color"). Pretrained
+    encoders (CLIP, T5, Gemma) bring that role information; this loss asks our small encoder for it directly.
+
+    Attributes:
+      vocab_size: the word tokenizer's `vocab_size`.
+    """
+
+    vocab_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled: jax.Array) -> jax.Array:
+        """pooled `[B, P]` -> predicted word-count change `[B, vocab_size]`."""
+        # Zero-initialized: the first loss is the size of the change, not of a random prediction over every word.
+        return Dense(self.vocab_size, kernel_init=nn.initializers.zeros, name="proj", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(pooled)  # fmt: skip
+
+
+def caption_change_loss(predicted: jax.Array, change: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Squared error of a predicted caption change, summed over words and averaged over the weighted rows.
+
+    Args:
+      predicted: `[B, V]` predicted word-count change.
+      change: `[B, V]` target minus source caption word counts (`WordTokenizer.bag_of_words`).
+      rows: `[B]` row weights (0 for rows whose instruction was dropped for classifier-free guidance).
+
+    Returns:
+      `(loss, recall)`: the loss and the share of changed words (change != 0, weighted rows) whose rounded
+      prediction equals the change.
+    """
+    predicted = predicted.astype(jnp.float32)
+    rows = rows.astype(jnp.float32)
+    squared = jnp.sum(jnp.square(predicted - change), axis=-1)  # [B]
+    loss = jnp.sum(squared * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+    changed = (change != 0).astype(jnp.float32) * rows[:, None]  # [B, V]
+    hit = (jnp.round(predicted) == change).astype(jnp.float32)
+    recall = jnp.sum(hit * changed) / jnp.maximum(jnp.sum(changed), 1.0)
+    return loss, recall

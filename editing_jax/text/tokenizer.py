@@ -92,6 +92,14 @@ class WordTokenizer:
                     span_mask[row, col] = span_start < span_end and start < span_end and end > span_start
         return {"ids": ids, "mask": ids != PAD_ID, "span_mask": span_mask}
 
+    def bag_of_words(self, texts: Sequence[str]) -> np.ndarray:
+        """`[B, vocab_size]` float32 word counts of each text (every word, not cut at `max_length`; no padding id)."""
+        counts = np.zeros((len(texts), self.vocab_size), np.float32)
+        for row, text in enumerate(texts):
+            for word, _, _ in split_words(str(text)):
+                counts[row, self.word_id(word)] += 1.0
+        return counts
+
     def find_phrase(self, texts: Sequence[str], phrase: str) -> np.ndarray:
         """`[B, L]` bool: positions of the words of `phrase` where they occur as a contiguous run in each text."""
         target = [w for w, _, _ in split_words(phrase)]
