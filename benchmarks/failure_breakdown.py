@@ -8,7 +8,10 @@ For every edit type: examples, successes, incoherent outputs, and how many targe
 *other* objects (those the edit should leave alone). Works for EditMGT and flow-editor runs (plain sampling, no region
 hold). EditMGT rows also get `attention_auroc`: how well the consolidated text->image attention map separates the
 edit mask's tokens from the rest (the chance that a random edited token scores above a random kept one; 0.5 = no
-localization), averaged over examples whose edit mask is neither empty nor everything. `--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the
+localization), averaged over examples whose edit mask is neither empty nor everything. `changed_pixel_colors`: on
+the pixels the edit changes (source vs target), the share whose output color (nearest world object or background
+color) is the target's ('target'), the source's ('source'), a background color or another object color: whether an
+editor draws the instruction's new color, keeps the old one or erases. `--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the
 share of `--split` tokens whose code is rare in train.
 """
 
@@ -37,6 +40,34 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     greater = (pos[:, None] > neg[None, :]).mean()
     ties = (pos[:, None] == neg[None, :]).mean()
     return float(greater + 0.5 * ties)
+
+
+def _palette() -> tuple[np.ndarray, int]:
+    """`[K, 3]` world colors (object colors first, then each background's first color) and the object count."""
+    from editing_jax.data.world import spec
+
+    objects = [spec.OBJECT_COLORS[c] for c in spec.COLORS]
+    backgrounds = [spec.BACKGROUND_COLORS[b][0] for b in spec.BACKGROUNDS]
+    return np.asarray(objects + backgrounds, np.float32), len(objects)
+
+
+def changed_pixel_colors(source: np.ndarray, target: np.ndarray, output: np.ndarray) -> collections.Counter:
+    """Counts of the changed pixels (summed |source - target| > 60 of 765) of uint8 `[S, S, 3]` images by what
+    color the output has there: 'target', 'source', 'background' (another background color) or 'other_object'."""
+    palette, num_objects = _palette()
+
+    def nearest(image: np.ndarray) -> np.ndarray:
+        return np.argmin(((image.astype(np.float32)[..., None, :] - palette) ** 2).sum(-1), axis=-1)  # [S, S]
+
+    changed = np.abs(source.astype(np.int32) - target.astype(np.int32)).sum(-1) > 60
+    got, wanted, was = nearest(output)[changed], nearest(target)[changed], nearest(source)[changed]
+    counts = collections.Counter()
+    counts["target"] = int((got == wanted).sum())
+    counts["source"] = int(((got != wanted) & (got == was)).sum())
+    rest = (got != wanted) & (got != was)
+    counts["background"] = int((rest & (got >= num_objects)).sum())
+    counts["other_object"] = int((rest & (got < num_objects)).sum())
+    return counts
 
 
 def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> dict:
@@ -74,6 +105,9 @@ def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> d
                 for attribute in attributes:
                     row[f"{group}.{attribute}"] += 1
             row["other_objects"] += sum(1 for o in targets[i].objects if o.cell not in changed)
+            pixels = changed_pixel_colors(raw["source_image"][i], raw["target_image"][i], out["images"][i])
+            for key, count in pixels.items():
+                row[f"changed_pixels_{key}"] += count
             if "attention" in out:
                 grid = out["attention"].shape[1]
                 mask = np.asarray(raw["edit_mask"][i], bool)  # [S, S]
@@ -85,6 +119,9 @@ def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> d
     report = {}
     for edit_type, counts in sorted(rows.items()):
         row = dict(counts)
+        pixels = {k.removeprefix("changed_pixels_"): row.pop(k) for k in list(row) if k.startswith("changed_pixels_")}
+        if sum(pixels.values()):
+            row["changed_pixel_colors"] = {k: v / sum(pixels.values()) for k, v in pixels.items()}
         if row.get("attention_auroc_examples"):
             row["attention_auroc"] = row.pop("attention_auroc_sum") / row["attention_auroc_examples"]
         report[edit_type] = row

@@ -1,0 +1,43 @@
+"""Measurement helpers of benchmarks/ scripts whose numbers go into docs/RESULTS.md."""
+
+import importlib.util
+
+import numpy as np
+
+from editing_jax.data.world import spec
+
+
+def _load(name: str):
+    module_spec = importlib.util.spec_from_file_location(name, f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_changed_pixel_colors_sorts_changed_pixels_by_the_output_color():
+    failure_breakdown = _load("failure_breakdown")
+    white, red, blue, green = (np.asarray(c, np.uint8) for c in ((255, 255, 255), spec.OBJECT_COLORS["red"],
+                                                                  spec.OBJECT_COLORS["blue"], spec.OBJECT_COLORS["green"]))  # fmt: skip
+    source = np.broadcast_to(white, (4, 4, 3)).copy()
+    source[:2, :2] = red  # a red object, recolored to blue: 4 changed pixels
+    target = source.copy()
+    target[:2, :2] = blue
+    output = source.copy()  # kept red at (0, 0)
+    output[0, 1] = blue  # right
+    output[1, 0] = white  # erased
+    output[1, 1] = green  # another object color
+    output[3, 3] = green  # outside the change: not counted
+    counts = failure_breakdown.changed_pixel_colors(source, target, output)
+    assert dict(counts) == {"target": 1, "source": 1, "background": 1, "other_object": 1}
+    assert sum(failure_breakdown.changed_pixel_colors(source, source, output).values()) == 0
+
+
+def test_role_probe_decodes_only_what_the_features_hold():
+    probe = _load("text_color_probe")
+    rng = np.random.default_rng(0)
+    labels, other = rng.integers(0, 8, 600), rng.integers(0, 8, 600)
+    features = np.concatenate([np.eye(8)[labels] * 0.1, rng.normal(size=(600, 4))], axis=1)  # [600, 12]
+    assert probe._ridge_accuracy(features[:400], labels[:400], features[400:], labels[400:]) == 1.0
+    assert probe._ridge_accuracy(features[:400], other[:400], features[400:], other[400:]) < 0.3  # chance 1/8
+    np.testing.assert_allclose(probe._variance_share(np.eye(8)[labels], labels), 1.0)
+    assert probe._variance_share(features, labels) < 0.05  # the label lives in low-variance features
