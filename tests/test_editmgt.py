@@ -712,6 +712,36 @@ def test_build_model_pixel_head_needs_a_patch_vq():
         editmgt.build_model(config)
 
 
+def test_text_code_score_adds_the_gated_text_score_of_every_code(tiny_mgt):
+    base, _, inputs, cond = tiny_mgt
+    model = dataclasses.replace(base, text_cross_attention=True, code_content_dim=4, text_code_score=True)
+    codes = jnp.asarray(np.random.default_rng(3).normal(size=(16, 4)), jnp.float32)
+    variables = nn.meta.unbox(model.init(jax.random.key(1), **inputs, cond_tokens=cond, code_features=codes))
+    assert not np.any(np.asarray(variables["params"]["text_code_query"]["kernel"]))  # a fresh score adds nothing
+    plain = dataclasses.replace(model, text_code_score=False)
+    without = {"params": {k: v for k, v in variables["params"].items() if k != "text_code_query"}}
+    np.testing.assert_array_equal(
+        np.asarray(model.apply(variables, **inputs, cond_tokens=cond, code_features=codes)),
+        np.asarray(plain.apply(without, **inputs, cond_tokens=cond, code_features=codes)),
+    )
+    query_kernel = jax.random.normal(jax.random.key(2), variables["params"]["text_code_query"]["kernel"].shape)
+    variables["params"]["text_code_query"] = {"kernel": query_kernel}
+    logits, sown = model.apply(variables, **inputs, cond_tokens=cond, code_features=codes, mutable=["intermediates"])
+    gate = np.asarray(sown["intermediates"]["text_cross_blocks_0"]["text_gate"][0], np.float64).reshape(2, 2, 2)
+    fine_gate = gate.repeat(2, axis=1).repeat(2, axis=2)  # [B, 4, 4]: the 2x2 grid upsampled
+    keys = np.asarray(model.apply(variables, codes, method=lambda m, c: m.content_key_out(nn.gelu(
+        m.content_key_in(m._standardized_codes(c))))), np.float64)  # [V, E]  # fmt: skip
+    query = np.asarray(inputs["pooled_text"], np.float64) @ np.asarray(query_kernel, np.float64)  # [B, E]
+    score = query @ keys.T / np.sqrt(model.embed_dim)  # [B, V]
+    expected = np.asarray(plain.apply(without, **inputs, cond_tokens=cond, code_features=codes), np.float64)
+    expected = expected + fine_gate[..., None] * score[:, None, None, :]
+    np.testing.assert_allclose(np.asarray(logits, np.float64), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="text_code_score needs"):
+        dataclasses.replace(base, code_content_dim=4, text_code_score=True).init(
+            jax.random.key(1), **inputs, cond_tokens=cond, code_features=codes
+        )
+
+
 def test_logits_return_a_submodule_value_by_path():
     model, _, variables, batch = _tiny_editor(text_cross=True)
     params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
