@@ -497,6 +497,9 @@ def test_caption_change_loss_predicts_target_minus_source_caption_word_counts():
     assert float(dropped.metrics["caption_change_loss"]) == 0.0
     with pytest.raises(ValueError, match="caption_change_weight"):
         editmgt.make_loss(_tiny_editor(stage="t2i")[0], caption_change_weight=1.0)
+    without_captions = {k: v for k, v in device_batch.items() if k != "caption_change"}
+    with pytest.raises(ValueError, match="source_caption"):
+        change_loss(params, state, without_captions, rng)
 
 
 def test_code_smoothing_trains_on_soft_targets_by_code_distance():

@@ -354,6 +354,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             total = total + text_gate_weight * metrics["text_gate_loss"]
         if caption_change_weight > 0:
             predicted = caption_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]
+            if "caption_change" not in batch:
+                raise ValueError("loss.caption_change_weight > 0 needs batches with 'source_caption' and "
+                                 "'target_caption' (EditMGT.prepare_batch turns them into 'caption_change')")  # fmt: skip
             change = batch["caption_change"]  # [B, V]
             loss_value, recall = caption_change_loss(predicted, change, ~drop)
             metrics["caption_change_loss"], metrics["caption_change_recall"] = loss_value, recall
