@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import pathlib
 
@@ -42,6 +43,7 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
+@functools.cache
 def _palette() -> tuple[np.ndarray, int]:
     """`[K, 3]` world colors (object colors first, then each background's first color) and the object count."""
     from editing_jax.data.world import spec

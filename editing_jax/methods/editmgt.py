@@ -107,6 +107,11 @@ class EditMGT:
         return self.image_size // self.vq.downsample_factor
 
     @property
+    def caption_change_head(self) -> CaptionChangeHead:
+        """The head of `loss.caption_change_weight` (params under 'caption_change_head')."""
+        return CaptionChangeHead(self.text_tokenizer.vocab_size)
+
+    @property
     def uses_condition(self) -> bool:
         return self.stage == "edit"
 
@@ -276,7 +281,6 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         raise ValueError("loss.text_gate_weight > 0 needs the edit stage and model.text_cross_attention")
     if caption_change_weight > 0 and not model.uses_condition:
         raise ValueError("loss.caption_change_weight > 0 needs the edit stage (source and target captions)")
-    caption_head = CaptionChangeHead(model.text_tokenizer.vocab_size)
     gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
     sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
     sown += (("pixel_prediction",) if pixel_weight > 0 else ()) + gates
@@ -353,7 +357,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             metrics["text_gate_accuracy"] = per_block[-1][1]
             total = total + text_gate_weight * metrics["text_gate_loss"]
         if caption_change_weight > 0:
-            predicted = caption_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]
+            predicted = model.caption_change_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]
             if "caption_change" not in batch:
                 raise ValueError("loss.caption_change_weight > 0 needs batches with 'source_caption' and "
                                  "'target_caption' (EditMGT.prepare_batch turns them into 'caption_change')")  # fmt: skip
@@ -631,8 +635,8 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
         )["params"]
         params = {"mgt": mgt_params, "text_encoder": text_params}
         if (loss_options or {}).get("caption_change_weight", 0.0) > 0:
-            head = CaptionChangeHead(model.text_tokenizer.vocab_size)
-            params["caption_change_head"] = head.init(jax.random.fold_in(text_rng, 1), pooled)["params"]
+            head_rng = jax.random.fold_in(text_rng, 1)
+            params["caption_change_head"] = model.caption_change_head.init(head_rng, pooled)["params"]
         if init_params is not None:
             params = replace_params(params, init_params)
         return {"params": params, "tokenizer": frozen_tokenizer}
