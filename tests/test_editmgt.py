@@ -541,6 +541,34 @@ def test_edit_weight_upweights_tokens_that_differ_from_the_source(tiny_editor):
     assert 0.0 <= float(plain_aux.metrics["changed_accuracy"]) <= 1.0
 
 
+def test_balance_changed_rows_gives_each_row_the_mean_row_weight():
+    changed = np.zeros((3, 8), np.float32)
+    changed[0, :2] = 1.0  # a small edit: 2 tokens
+    changed[1, :] = 1.0  # a whole-image edit: 8 tokens
+    balanced = np.asarray(editmgt.balance_changed_rows(jnp.asarray(changed)))
+    np.testing.assert_allclose(balanced.sum(axis=1), [5.0, 5.0, 0.0])  # (2 + 8) / 2 rows with changes
+    np.testing.assert_allclose(balanced[0, :2], [2.5, 2.5])
+    assert balanced.sum() == pytest.approx(changed.sum())
+    np.testing.assert_array_equal(balanced == 0, changed == 0)
+
+
+def test_changed_row_balance_reweights_changed_tokens_per_row(tiny_editor):
+    model, _, variables, batch = tiny_editor
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    rng = jax.random.key(4)
+    loss_fn = editmgt.make_loss(model, cfg_dropout=0.0, edit_weight=3.0, changed_row_balance=True)
+    balanced, _ = loss_fn(params, state, device_batch, rng)
+    target, source, masked, (logits, _) = _replay_loss_forward(model, params, state, device_batch, rng)
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits.reshape(2, 16, 16), target), np.float64)
+    changed = np.asarray(masked * (target != source), np.float64)  # [B, L]
+    counts = changed.sum(axis=1)
+    assert counts.min() != counts.max(), "the fixture's rows must change different numbers of tokens"
+    row_scale = np.where(counts > 0, counts.sum() / max((counts > 0).sum(), 1) / np.maximum(counts, 1), 0.0)
+    weights = np.asarray(masked, np.float64) - changed + 3.0 * changed * row_scale[:, None]
+    np.testing.assert_allclose(float(balanced), (ce * weights).sum() / weights.sum(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["source_concat", "source_skip", "source_copy"])
 def test_source_paths_are_gated_by_gamma(tiny_mgt, path):
     _, _, inputs, cond = tiny_mgt

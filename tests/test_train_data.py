@@ -43,6 +43,11 @@ def test_edit_types_select_a_subset_of_the_world():
     batch = next(iter(train_data.make_train_dataset(config)))
     assert set(batch["edit_type"]) <= {"color", "remove"}
     assert {t for b in train_data.make_eval_batches(config) for t in b["edit_type"]} <= {"color", "remove"}
+    config.edit_types = "color:3, remove"
+    assert train_data.world_edit_types(config) == ("color", "color", "color", "remove")
+    config.edit_types = "color:0"
+    with pytest.raises(ValueError, match="weight of 'color' must be a positive integer"):
+        train_data.world_edit_types(config)
     config.edit_types = "colour"
     with pytest.raises(ValueError, match="edit_types must be a non-empty subset"):
         train_data.make_train_dataset(config)

@@ -243,7 +243,7 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
               code_smoothing: float = 0.0, pixel_weight: float = 0.0,
-              caption_change_weight: float = 0.0):  # fmt: skip
+              caption_change_weight: float = 0.0, changed_row_balance: bool = False):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -265,6 +265,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     not in EditMGT). The metrics stay those of the one-hot target.
     `pixel_weight` > 0 adds the squared error of the pixel head's predicted block (`model.pixel_head`) against the
     target code's pixels (mean over pixels and channels), weighted like the cross-entropy (not in EditMGT).
+    `changed_row_balance` gives every row's masked changed tokens the same total weight (the batch's mean per row),
+    so a recolor that changes 4 tokens weighs as much as a background edit that changes 40; the changed tokens'
+    total weight in the batch is unchanged (`balance_changed_rows`; not in EditMGT).
     `caption_change_weight` > 0 adds `text.encoder.caption_change_loss`: the 'caption_change_head' params predict
     the batch's 'caption_change' (target minus source caption word counts) from the pooled instruction embedding, on
     the rows that kept their text (edit stage only; not in EditMGT).
@@ -324,7 +327,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         if cond is not None:
             changed_masked = changed_tokens.astype(jnp.float32) * weights  # [B, L]
             metrics["changed_accuracy"] = jnp.sum(correct * changed_masked) / jnp.maximum(jnp.sum(changed_masked), 1.0)
-            weights = weights + (edit_weight - 1.0) * changed_masked
+            balanced = balance_changed_rows(changed_masked) if changed_row_balance else changed_masked  # [B, L]
+            weights = weights - changed_masked + edit_weight * balanced
         total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         if grounding_weight > 0:
             copy_score = outputs[2]["copy_score"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
@@ -369,6 +373,17 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         return total, LossAux(metrics=metrics, model_state=model_state)
 
     return loss
+
+
+def balance_changed_rows(changed: jax.Array) -> jax.Array:
+    """Rescales `changed` `[B, L]` (0/1 masked changed tokens) so every row with any sums to the batch's mean row sum.
+
+    Rows without changed tokens stay 0; the batch total is kept, so only its split between rows changes.
+    """
+    counts = jnp.sum(changed, axis=1, keepdims=True)  # [B, 1]
+    has_changes = counts > 0
+    mean_count = jnp.sum(counts) / jnp.maximum(jnp.sum(has_changes), 1)
+    return changed * jnp.where(has_changes, mean_count / jnp.maximum(counts, 1.0), 0.0)
 
 
 def code_soft_targets(code_features: jax.Array, tau: float) -> jax.Array:
@@ -605,7 +620,7 @@ def attention_to_rgb(maps: np.ndarray) -> np.ndarray:
 
 def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: float, settings: SamplingSettings,
                    eval_threshold: float, init_params: PyTree | None = None,
-                   loss_options: dict[str, float] | None = None) -> Objective:  # fmt: skip
+                   loss_options: dict[str, float | bool] | None = None) -> Objective:  # fmt: skip
     """The trainer objective. `frozen_tokenizer` are the VQ variables; `init_params` optionally replace the fresh
     'mgt' / 'text_encoder' params (a previous stage's run); `loss_options` are `make_loss`'s weights (edit_weight,
     focus_prob, grounding_weight, content_weight, text_gate_weight, caption_change_weight, ...)."""
@@ -806,7 +821,8 @@ def build_objective(config) -> Objective:
         model,
         frozen,
         cfg_dropout=float(config.loss.cfg_dropout),
-        loss_options={name: float(value) for name, value in config.loss.items() if name != "cfg_dropout"},
+        loss_options={name: value if isinstance(value, bool) else float(value)
+                      for name, value in config.loss.items() if name != "cfg_dropout"},  # fmt: skip
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

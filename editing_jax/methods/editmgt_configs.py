@@ -96,6 +96,8 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # text_gate_weight: weight of the per-grid-cell "is this cell edited" loss on the gates of model.text_cross_attention.
     # caption_change_weight: weight of the loss of a head predicting target minus source caption word counts from the
     # pooled instruction embedding (text/encoder.py CaptionChangeHead).
+    # changed_row_balance: every row's masked changed tokens get the same total weight (methods/editmgt.py
+    # balance_changed_rows), so small object edits weigh as much as whole-background ones.
     config.loss = ml_collections.ConfigDict(
         {
             "cfg_dropout": 0.1,
@@ -107,6 +109,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "code_smoothing": 0.0,
             "pixel_weight": 0.0,
             "caption_change_weight": 0.0,
+            "changed_row_balance": False,
         }
     )
     # Editing decodes in one argmax step by default: on every trained edit model we measured it matches or beats the

@@ -9,9 +9,20 @@ from editing_jax.data.world import edits
 
 
 def world_edit_types(data_config) -> tuple[str, ...]:
-    """The `data.edit_types` subset (comma-separated; '' or absent = every edit type of the world)."""
-    names = tuple(name.strip() for name in str(data_config.get("edit_types", "")).split(",") if name.strip())
-    return names or edits.WorldConfig().edit_types
+    """The `data.edit_types` draw list: comma-separated names, each optionally `name:k` (drawn k times as often).
+
+    '' or absent = every edit type of the world, uniformly. The world draws uniformly from the returned tuple, so
+    `color:3,remove` yields ('color', 'color', 'color', 'remove'): three recolors for every removal.
+    """
+    names = []
+    for item in str(data_config.get("edit_types", "")).split(","):
+        name, _, weight = item.strip().partition(":")
+        if not name:
+            continue
+        if weight and not (weight.isdigit() and int(weight) > 0):
+            raise ValueError(f"data.edit_types: the weight of {name!r} must be a positive integer, got {weight!r}")
+        names.extend([name] * (int(weight) if weight else 1))
+    return tuple(names) or edits.WorldConfig().edit_types
 
 
 def _source(data_config, split: str, num_examples: int):

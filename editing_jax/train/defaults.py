@@ -58,8 +58,8 @@ def world_data_config(size: int, *, batch_size: int, num_eval_examples: int) -> 
             "data_dir": "",  # Dataset directory for source='tfds'.
             "size": size,
             "seed": 0,
-            # Comma-separated subset of the world's edit types for source='world' ('' = all); a type named k times
-            # is drawn k times as often.
+            # Comma-separated subset of the world's edit types for source='world' ('' = all); `name:k` (or a type
+            # named k times) is drawn k times as often.
             "edit_types": "",
             "num_train_examples": 100_000,
             "shuffle_seed": 0,
