@@ -167,6 +167,33 @@ def test_text_gate_loss_is_bce_of_the_gates_against_the_edit_mask_cells(tiny_flo
         flow_edit.make_loss(tiny_flow.model, text_gate_weight=1.0)
 
 
+def test_text_velocity_adds_the_gated_text_term_and_starts_at_zero(tiny_flow):
+    crossed = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(text_cross_attention=True))
+    model = dataclasses.replace(crossed, dit=crossed.dit.clone(text_velocity=True))
+    objective = flow_edit.make_objective(model, tiny_flow.state["tokenizer"], cfg_dropout=0.0, timestep_sampling="uniform",
+                                         settings=flow_edit.FlowSettings(num_steps=3))  # fmt: skip
+    params = nn.meta.unbox(objective.init(jax.random.key(2), tiny_flow.arrays))["params"]
+    x0 = model.encode(tiny_flow.state, tiny_flow.arrays["target_image"])  # [2, 4, C]
+    t = jnp.asarray([0.3, 0.8])
+    text = model.encode_text(params, tiny_flow.arrays["text_ids"], tiny_flow.arrays["text_mask"])
+    reference = model.encode(tiny_flow.state, tiny_flow.arrays["source_image"])
+    without = {**params, "dit": {k: v for k, v in params["dit"].items() if not k.startswith("text_velocity")}}
+    base = crossed._apply_dit(without, x0, t, text, reference)
+    fresh, variables = model._apply_dit(params, x0, t, text, reference, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(fresh), np.asarray(base))  # the last layer starts at zero
+    # With a zero kernel and bias b the text term is b: the velocity moves by gate * b at each target token.
+    bias = np.linspace(-1.0, 1.0, x0.shape[-1]).astype(np.float32)
+    moved = jax.tree.map(lambda x: x, params)
+    moved["dit"]["text_velocity_out"] = dict(params["dit"]["text_velocity_out"], bias=jnp.asarray(bias))
+    shifted = model._apply_dit(moved, x0, t, text, reference)
+    gate = np.asarray(variables["intermediates"]["text_cross_blocks_0"]["text_gate"][0])[:, : x0.shape[1]]  # [2, 4]
+    np.testing.assert_allclose(np.asarray(shifted) - np.asarray(base), gate[:, :, None] * bias, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="text_velocity needs text_cross_attention"):
+        tiny_flow.model.dit.clone(text_velocity=True).init(
+            jax.random.key(0), x0, text[0], text[1], t, model.image_ids(0), np.zeros((6, 3), np.float32)
+        )
+
+
 def test_few_steps_reduce_the_loss(tiny_flow, train_step):
     step, opt_state = train_step
     params, losses = tiny_flow.params, []

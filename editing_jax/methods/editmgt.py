@@ -821,8 +821,11 @@ def build_objective(config) -> Objective:
         model,
         frozen,
         cfg_dropout=float(config.loss.cfg_dropout),
-        loss_options={name: value if isinstance(value, bool) else float(value)
-                      for name, value in config.loss.items() if name != "cfg_dropout"},  # fmt: skip
+        loss_options={
+            name: value if isinstance(value, bool) else float(value)
+            for name, value in config.loss.items()
+            if name != "cfg_dropout"
+        },  # fmt: skip
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

@@ -153,6 +153,11 @@ class FlowDiT(nn.Module):
       text_cross_attention: after each double-stream block, the image tokens (target and reference) also read the
         text through `nn.transformer.TextCrossAttention` (own softmax over [null; text], values carrying the pooled
         text). Not in Flux; see `MaskedGenerativeTransformer.text_cross_attention`.
+      text_velocity: add to every target token's velocity `gate * mlp([pooled; temb])` (gate: the last text
+        cross-attention gate at the token), a path from the instruction to the output that skips the trunk; the MLP's
+        last layer starts at zero, so a fresh path changes nothing. With v = noise - x0, the text can set the edited
+        region's mean velocity (its new color) directly. Needs `text_cross_attention`. Not in Flux; the flow
+        analogue of `MaskedGenerativeTransformer.text_code_score`.
       dtype: activation/computation dtype; param_dtype: stored weight dtype.
     """
 
@@ -176,6 +181,7 @@ class FlowDiT(nn.Module):
     token_focus_temperature: float = 1.0
     token_focus_gate_init: float = 0.0
     text_cross_attention: bool = False
+    text_velocity: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -247,6 +253,8 @@ class FlowDiT(nn.Module):
             raise ValueError("guidance was passed but this model was built with guidance_embeds=False")
         if sum(self.axes_dims_rope) != self.head_dim:
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}")
+        if self.text_velocity and not (self.text_cross_attention and self.num_layers > 0):
+            raise ValueError("text_velocity needs text_cross_attention (and at least one double-stream block)")
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = self.width
         target_len = hidden.shape[1]
@@ -275,6 +283,7 @@ class FlowDiT(nn.Module):
             **kwargs,
         )
         focus_layers = self.focus_layers
+        gate = None  # [B, L (+ Lr)]: the last text cross-attention gate
         for layer in range(self.num_blocks):
             if layer in focus_layers:
                 context = TokenFocus(
@@ -290,8 +299,8 @@ class FlowDiT(nn.Module):
             x, context, _ = block(x, context, temb, rope, capture_attention=layer in capture_layers)
             if self.text_cross_attention and layer < self.num_layers:
                 mask = jnp.ones(context.shape[:2], bool) if txt_mask is None else txt_mask
-                update, _ = TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}",
-                                               **kwargs)(x, context, mask, pooled)  # fmt: skip
+                update, gate = TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}",
+                                                  **kwargs)(x, context, mask, pooled)  # fmt: skip
                 x = x + update  # [B, L (+ Lr), D]
 
         x = x[:, :target_len]  # [B, L, D]: reference outputs are dropped
@@ -299,7 +308,14 @@ class FlowDiT(nn.Module):
         x = modulate(x, shift, scale, self.dtype)  # [B, L, D]
         out_channels = self.out_channels or hidden.shape[-1]
         output_init = nn.initializers.zeros_init() if self.zero_init_output else nn.initializers.lecun_normal()
-        return Dense(out_channels, ("embed", None), kernel_init=output_init, name="proj_out", **kwargs)(x)  # [B, L, C]
+        velocity = Dense(out_channels, ("embed", None), kernel_init=output_init, name="proj_out", **kwargs)(x)
+        if self.text_velocity:
+            text_time = jnp.concatenate([pooled.astype(temb.dtype), temb], axis=-1)  # [B, D_pooled + D]
+            hidden_text = nn.gelu(Dense(width, (None, "embed"), name="text_velocity_in", **kwargs)(text_time))
+            text_term = Dense(out_channels, ("embed", None), kernel_init=nn.initializers.zeros_init(),
+                              name="text_velocity_out", **kwargs)(hidden_text)  # [B, C]  # fmt: skip
+            velocity = velocity + gate[:, :target_len, None].astype(velocity.dtype) * text_term[:, None, :]
+        return velocity  # [B, L, C]
 
 
 def captured_attention(model: FlowDiT, intermediates: Mapping[str, Any], layers: Sequence[int]) -> jax.Array:
