@@ -645,6 +645,19 @@ def test_replace_params_takes_a_prefix_of_longer_position_tables_only():
         editmgt.replace_params({"position_embedding": jnp.zeros((5, 2))}, {"position_embedding": jnp.zeros((3, 2))})
 
 
+def test_replace_params_fills_partitioned_boxes_from_init():
+    boxed = nn.with_logical_partitioning(lambda *_: jnp.zeros((2, 3)), ("embed", None))(None)
+    fresh = {"mgt": {"proj": {"kernel": boxed, "bias": jnp.zeros(3)}, "new": {"kernel": boxed}}}
+    loaded = editmgt.replace_params(fresh, {"mgt": {"proj": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}})
+    kernel = loaded["mgt"]["proj"]["kernel"]
+    assert isinstance(kernel, nn.LogicallyPartitioned) and kernel.names == ("embed", None)
+    np.testing.assert_array_equal(kernel.unbox(), 1.0)
+    np.testing.assert_array_equal(loaded["mgt"]["proj"]["bias"], 1.0)
+    np.testing.assert_array_equal(loaded["mgt"]["new"]["kernel"].unbox(), 0.0)  # not in the loaded tree: kept
+    with pytest.raises(ValueError, match="proj"):
+        editmgt.replace_params(fresh, {"mgt": {"proj": {"kernel": jnp.ones((3, 3))}}})
+
+
 def test_build_model_adds_the_content_head_only_with_its_loss():
     vq_config = config_lib.load_config("configs/tokenizer/vq.py:size=32,patch")
     config = config_lib.load_config("configs/editmgt/edit.py:size=32,tiny")

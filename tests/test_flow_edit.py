@@ -167,6 +167,17 @@ def test_text_gate_loss_is_bce_of_the_gates_against_the_edit_mask_cells(tiny_flo
         flow_edit.make_loss(tiny_flow.model, text_gate_weight=1.0)
 
 
+def test_init_from_params_fill_every_leaf_of_the_fresh_init(tiny_flow):
+    previous = jax.tree.map(lambda x: x + 1.0, tiny_flow.params)  # a "trained" run, unlike any fresh init
+    objective = flow_edit.make_objective(tiny_flow.model, tiny_flow.state["tokenizer"], cfg_dropout=0.0,
+                                         timestep_sampling="uniform", settings=flow_edit.FlowSettings(num_steps=3),
+                                         init_params=previous)  # fmt: skip
+    params = nn.meta.unbox(objective.init(jax.random.key(9), tiny_flow.arrays))["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(previous)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(previous)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_text_velocity_adds_the_gated_text_term_and_starts_at_zero(tiny_flow):
     crossed = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(text_cross_attention=True))
     model = dataclasses.replace(crossed, dit=crossed.dit.clone(text_velocity=True))

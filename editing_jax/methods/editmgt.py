@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -698,12 +699,16 @@ PREFIX_LOADABLE = ("position_embedding",)
 def replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
     """Takes `loaded` leaves wherever the tree paths and shapes match `fresh`; errors on a shape mismatch.
 
-    A `PREFIX_LOADABLE` table `[L_loaded, D]` with L_loaded > L gives its first L rows.
+    `fresh` may hold Flax metadata boxes (`nn.LogicallyPartitioned` from `init`): a box takes the loaded value at its
+    own path and keeps its metadata. A `PREFIX_LOADABLE` table `[L_loaded, D]` with L_loaded > L gives its first L
+    rows. Leaves of `fresh` absent from `loaded` (new modules) are kept.
     """
     flat_loaded = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(loaded)}
 
     def pick(path, leaf):
         key = jax.tree_util.keystr(path)
+        if isinstance(leaf, nn.meta.AxisMetadata):
+            return leaf.replace_boxed(pick(path, leaf.unbox()))
         if key not in flat_loaded:
             return leaf
         value = flat_loaded[key]
@@ -719,7 +724,7 @@ def replace_params(fresh: PyTree, loaded: PyTree) -> PyTree:
             raise ValueError(f"init_from param {key} has shape {tuple(value.shape)}, expected {tuple(leaf.shape)}")
         return jnp.asarray(value, leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(pick, fresh)
+    return jax.tree_util.tree_map_with_path(pick, fresh, is_leaf=lambda node: isinstance(node, nn.meta.AxisMetadata))
 
 
 # ---- building from a config ------------------------------------------------------------------------------------
