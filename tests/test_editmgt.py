@@ -202,6 +202,7 @@ def _tiny_editor(
     content_head=False,
     text_cross=False,
     pixel_head=False,
+    token_gate=False,
     loss_options=None,
 ):
     if pixel_head:  # the patch VQ: a code is a 2x2 pixel block (F = 12)
@@ -209,14 +210,15 @@ def _tiny_editor(
     else:
         vq = VQModel(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, mid_block_attention=False,
                      latent_channels=4, codebook_size=16, code_dim=4)  # fmt: skip
-    content_dim = vq.code_dim if code_content or pixel_head else 0
+    content_dim = vq.code_dim if code_content or pixel_head or token_gate else 0
     tokenizer = WordTokenizer(VOCAB, max_length=6, num_hash_buckets=4)
     text_encoder = TextEncoder(tokenizer.vocab_size, width=16, num_layers=1, num_heads=2, max_length=6, pooled_dim=8)
     mgt = MaskedGenerativeTransformer(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8,
                                       embed_dim=8, downsample=True, axes_dims_rope=(2, 2, 4),
                                       zero_init_modulation=False, code_content_dim=content_dim,
                                       source_copy=source_copy, content_head=content_head,
-                                      text_cross_attention=text_cross,
+                                      text_cross_attention=text_cross or token_gate,
+                                      text_code_score=token_gate, text_code_token_gate=token_gate,
                                       pixel_channels=3 if pixel_head else 0)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
@@ -458,6 +460,30 @@ def test_text_gate_loss_is_bce_of_the_gates_against_changed_grid_cells():
     assert float(dropped.metrics["text_gate_loss"]) == 0.0
     with pytest.raises(ValueError, match="text_gate_weight"):
         editmgt.make_loss(_tiny_editor()[0], text_gate_weight=1.0)  # no text cross-attention
+
+
+def test_text_token_gate_is_supervised_by_the_changed_tokens():
+    model, params, state, device_batch = _loss_setup(token_gate=True)
+    params = dict(params, mgt=dict(params["mgt"]))
+    query = nn.meta.unbox(params["mgt"]["text_code_query"])["kernel"]
+    params["mgt"]["text_code_query"] = {"kernel": jax.random.normal(jax.random.key(1), query.shape)}
+    rng = jax.random.key(7)
+    gate_loss = editmgt.make_loss(model, cfg_dropout=0.0, text_gate_weight=0.5)
+    _, aux = gate_loss(params, state, device_batch, rng)
+    names = ("text_cross_blocks_0/text_gate", "text_token_gate_logit")
+    target, source, _, (_, _, sown) = _replay_loss_forward(model, params, state, device_batch, rng, sown=names)
+    changed = np.asarray(target != source, np.float64)  # [B, L]
+    logit = np.asarray(sown["text_token_gate_logit"], np.float64).reshape(2, -1)  # [B, L]
+    expected = float(np.mean(np.maximum(logit, 0) - logit * changed + np.log1p(np.exp(-np.abs(logit)))))
+    np.testing.assert_allclose(float(aux.metrics["text_token_gate_loss"]), expected, rtol=1e-4)
+    cells = np.asarray(target != source).reshape(2, 2, 2, 2, 2).any(axis=(2, 4)).reshape(2, 4).astype(np.float64)
+    gate = np.asarray(sown["text_cross_blocks_0/text_gate"], np.float64)
+    coarse = float(np.mean(-(cells * np.log(gate) + (1 - cells) * np.log1p(-gate))))
+    np.testing.assert_allclose(float(aux.metrics["text_gate_loss"]), coarse + expected, rtol=1e-4)
+    grads = jax.grad(lambda p: gate_loss(p, state, device_batch, rng)[1].metrics["text_token_gate_loss"])(params)
+    assert _gradient_mass(grads["mgt"]["text_token_gate"]) > 0.0
+    _, dropped = editmgt.make_loss(model, cfg_dropout=1.0, text_gate_weight=0.5)(params, state, device_batch, rng)
+    assert float(dropped.metrics["text_token_gate_loss"]) == 0.0
 
 
 def test_caption_change_loss_predicts_target_minus_source_caption_word_counts():
@@ -780,6 +806,18 @@ def test_text_code_score_adds_the_gated_text_score_of_every_code(tiny_mgt):
     expected = np.asarray(plain.apply(without, **inputs, cond_tokens=cond, code_features=codes), np.float64)
     expected = expected + fine_gate[..., None] * score[:, None, None, :]
     np.testing.assert_allclose(np.asarray(logits, np.float64), expected, rtol=1e-4, atol=1e-5)
+    gated = dataclasses.replace(model, text_code_token_gate=True)
+    gate_params = nn.meta.unbox(gated.init(jax.random.key(1), **inputs, cond_tokens=cond, code_features=codes))
+    gate_params["params"] = dict(variables["params"], text_token_gate=gate_params["params"]["text_token_gate"])
+    logits, sown = gated.apply(gate_params, **inputs, cond_tokens=cond, code_features=codes, mutable=["intermediates"])
+    token_gate = 1.0 / (1.0 + np.exp(-np.asarray(sown["intermediates"]["text_token_gate_logit"][0], np.float64)))
+    expected = np.asarray(plain.apply(without, **inputs, cond_tokens=cond, code_features=codes), np.float64)
+    expected = expected + (fine_gate * token_gate)[..., None] * score[:, None, None, :]
+    np.testing.assert_allclose(np.asarray(logits, np.float64), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="text_code_token_gate needs text_code_score"):
+        dataclasses.replace(model, text_code_score=False, text_code_token_gate=True).init(
+            jax.random.key(1), **inputs, cond_tokens=cond, code_features=codes
+        )
     with pytest.raises(ValueError, match="text_code_score needs"):
         dataclasses.replace(base, code_content_dim=4, text_code_score=True).init(
             jax.random.key(1), **inputs, cond_tokens=cond, code_features=codes

@@ -256,7 +256,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     (needs `model.source_copy`; edit stage only; not in EditMGT). `content_weight` > 0 adds the squared error of
     the MGT's `content_head` prediction against the target token's standardized code vector (mean over features),
     weighted like the cross-entropy (masked tokens, changed ones by `edit_weight`; not in EditMGT).
-    `text_gate_weight` > 0 supervises where the text is read: the binary cross-entropy of every text cross-attention
+    `text_gate_weight` > 0 supervises where the text is read (and, with `model.text_code_token_gate`, adds the
+    binary cross-entropy of the text score's token gate against the changed tokens, mean over tokens and text rows): the binary cross-entropy of every text cross-attention
     block's gate (`1 - p(null)` per grid position, `nn.transformer.TextCrossAttention`) against "a token of this grid
     cell changes" (source vs target tokens), over all positions of the rows that kept their text (needs
     `model.text_cross_attention`; edit stage only; not in EditMGT).
@@ -288,6 +289,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
     sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
     sown += (("pixel_prediction",) if pixel_weight > 0 else ()) + gates
+    token_gate = text_gate_weight > 0 and model.mgt.text_code_token_gate
+    sown += ("text_token_gate_logit",) if token_gate else ()
 
     def loss(params, model_state, batch, rng):
         mask_rng, drop_rng = jax.random.split(rng)
@@ -360,6 +363,13 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             per_block = [text_gate_bce(outputs[2][name], cells, rows) for name in gates]  # (loss, agreement) each
             metrics["text_gate_loss"] = sum(loss for loss, _ in per_block) / len(gates)
             metrics["text_gate_accuracy"] = per_block[-1][1]
+            if token_gate:  # the text score's full-resolution gate against the changed tokens themselves
+                token_logit = outputs[2]["text_token_gate_logit"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
+                bce = optax.sigmoid_binary_cross_entropy(token_logit, changed_tokens.astype(jnp.float32))  # [B, L]
+                metrics["text_token_gate_loss"] = jnp.sum(jnp.mean(bce, axis=1) * rows) / jnp.maximum(
+                    jnp.sum(rows), 1.0
+                )
+                metrics["text_gate_loss"] = metrics["text_gate_loss"] + metrics["text_token_gate_loss"]
             total = total + text_gate_weight * metrics["text_gate_loss"]
         if caption_change_weight > 0:
             predicted = model.caption_change_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]

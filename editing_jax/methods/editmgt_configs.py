@@ -79,6 +79,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "text_cross_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_positions
             "text_gate_copy": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_gate_copy
             "text_code_score": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_code_score
+            "text_code_token_gate": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_code_token_gate
             "pixel_head": False,  # not in EditMGT; see MaskedGenerativeTransformer.pixel_channels (needs a patch VQ)
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,

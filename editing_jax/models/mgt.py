@@ -117,6 +117,10 @@ class MaskedGenerativeTransformer(nn.Module):
         color weakly (a ridge probe reads it from 5 % of its variance) and the trunk loses it before the head.
         Measured on the quick config: background edits 10 -> 17 of 22, object colors still 0 (docs/RESULTS.md,
         EditMGT: "The instruction's new color").
+      text_code_token_gate: the text score is also scaled per token by `sigmoid(token_gate(final hidden state))`, a
+        gate at full token resolution (the cross-attention gate lives on the 2x-downsampled grid, so one gate cell
+        covers an object and the background around it). Its logit is sown as 'text_token_gate_logit' and supervised with
+        the changed tokens by `loss.text_gate_weight`. Needs `text_code_score`. Not in EditMGT.
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
@@ -145,6 +149,7 @@ class MaskedGenerativeTransformer(nn.Module):
     text_cross_positions: bool = False
     text_gate_copy: bool = False
     text_code_score: bool = False
+    text_code_token_gate: bool = False
     pixel_channels: int = 0
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
@@ -189,6 +194,8 @@ class MaskedGenerativeTransformer(nn.Module):
             raise ValueError("text_cross_positions and text_gate_copy need text_cross_attention")
         if self.text_code_score and not (self.text_cross_attention and self.code_content_dim):
             raise ValueError("text_code_score needs text_cross_attention and code content (code_content_dim > 0)")
+        if self.text_code_token_gate and not self.text_code_score:
+            raise ValueError("text_code_token_gate needs text_code_score")
         if self.text_cross_attention and self.num_layers < 1:
             raise ValueError("text_cross_attention follows the double-stream blocks: it needs num_layers >= 1")
         if self.text_cross_attention:
@@ -209,6 +216,8 @@ class MaskedGenerativeTransformer(nn.Module):
         if self.text_code_score:
             self.text_code_query = Dense(self.embed_dim, (None, None), use_bias=False,
                                          kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
+        if self.text_code_token_gate:
+            self.text_token_gate = Dense(1, ("embed", None), **kwargs)
         if self.content_head:
             if not self.code_content_dim:
                 raise ValueError("content_head needs code_content_dim > 0")
@@ -398,7 +407,12 @@ class MaskedGenerativeTransformer(nn.Module):
             if self.text_code_score:
                 text_query = self.text_code_query(pooled_text.astype(self.dtype))  # [B, E]
                 score = jnp.einsum("be,ve->bv", text_query, keys.astype(text_query.dtype)) / np.sqrt(self.embed_dim)
-                logits = logits + (fine_gate * score[:, None, None, :]).astype(logits.dtype)  # [B, h, w, V]
+                weight = fine_gate  # [B, h, w, 1]
+                if self.text_code_token_gate:
+                    token_gate = self.text_token_gate(hidden)  # [B, h, w, 1]: a logit
+                    self.sow("intermediates", "text_token_gate_logit", token_gate[..., 0])
+                    weight = weight * jax.nn.sigmoid(token_gate.astype(jnp.float32)).astype(weight.dtype)
+                logits = logits + (weight * score[:, None, None, :]).astype(logits.dtype)  # [B, h, w, V]
         if self.pixel_channels:
             if code_features is None:
                 raise ValueError("pixel_channels > 0 needs code_features")
