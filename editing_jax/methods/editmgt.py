@@ -256,11 +256,12 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     (needs `model.source_copy`; edit stage only; not in EditMGT). `content_weight` > 0 adds the squared error of
     the MGT's `content_head` prediction against the target token's standardized code vector (mean over features),
     weighted like the cross-entropy (masked tokens, changed ones by `edit_weight`; not in EditMGT).
-    `text_gate_weight` > 0 supervises where the text is read (and, with `model.text_code_token_gate`, adds the
-    binary cross-entropy of the text score's token gate against the changed tokens, mean over tokens and text rows): the binary cross-entropy of every text cross-attention
+    `text_gate_weight` > 0 supervises where the text is read: the binary cross-entropy of every text cross-attention
     block's gate (`1 - p(null)` per grid position, `nn.transformer.TextCrossAttention`) against "a token of this grid
     cell changes" (source vs target tokens), over all positions of the rows that kept their text (needs
-    `model.text_cross_attention`; edit stage only; not in EditMGT).
+    `model.text_cross_attention`; edit stage only; not in EditMGT). With `model.text_code_token_gate` it adds the
+    binary cross-entropy of the text score's token gate against the changed tokens (mean over tokens and text rows;
+    metric 'text_token_gate_loss').
     `code_smoothing` = tau > 0 replaces each token's one-hot target by soft targets over the codebook,
     q(k) proportional to exp(-d(k, y) / tau) with d the mean squared difference of the standardized code vectors
     (for the patch VQ, of the 2x2 pixel blocks): a near-miss code gets partial credit (needs `model.code_content`;
@@ -840,7 +841,7 @@ def build_objective(config) -> Objective:
             name: value if isinstance(value, bool) else float(value)
             for name, value in config.loss.items()
             if name != "cfg_dropout"
-        },  # fmt: skip
+        },
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

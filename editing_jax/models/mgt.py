@@ -119,8 +119,10 @@ class MaskedGenerativeTransformer(nn.Module):
         EditMGT: "The instruction's new color").
       text_code_token_gate: the text score is also scaled per token by `sigmoid(token_gate(final hidden state))`, a
         gate at full token resolution (the cross-attention gate lives on the 2x-downsampled grid, so one gate cell
-        covers an object and the background around it). Its logit is sown as 'text_token_gate_logit' and supervised with
-        the changed tokens by `loss.text_gate_weight`. Needs `text_code_score`. Not in EditMGT.
+        covers an object and the background around it). Its logit is sown as 'text_token_gate_logit' and supervised
+        with the changed tokens by `loss.text_gate_weight`. Needs `text_code_score`. Not in EditMGT. Measured on the
+        quick config with `loss.changed_row_balance`: it does not keep background edits off the objects
+        (docs/RESULTS.md, EditMGT: "Giving object edits their weight in the full mix").
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
