@@ -194,8 +194,8 @@ def test_text_velocity_adds_the_gated_text_term_and_starts_at_zero(tiny_flow):
     np.testing.assert_array_equal(np.asarray(fresh), np.asarray(base))  # the last layer starts at zero
     # With a zero kernel and bias b the text term is b: the velocity moves by gate * b at each target token.
     bias = np.linspace(-1.0, 1.0, x0.shape[-1]).astype(np.float32)
-    moved = jax.tree.map(lambda x: x, params)
-    moved["dit"]["text_velocity_out"] = dict(params["dit"]["text_velocity_out"], bias=jnp.asarray(bias))
+    text_out = dict(params["dit"]["text_velocity_out"], bias=jnp.asarray(bias))
+    moved = {**params, "dit": {**params["dit"], "text_velocity_out": text_out}}
     shifted = model._apply_dit(moved, x0, t, text, reference)
     gate = np.asarray(variables["intermediates"]["text_cross_blocks_0"]["text_gate"][0])[:, : x0.shape[1]]  # [2, 4]
     np.testing.assert_allclose(np.asarray(shifted) - np.asarray(base), gate[:, :, None] * bias, rtol=1e-5, atol=1e-6)

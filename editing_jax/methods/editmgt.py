@@ -367,9 +367,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             if token_gate:  # the text score's full-resolution gate against the changed tokens themselves
                 token_logit = outputs[2]["text_token_gate_logit"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
                 bce = optax.sigmoid_binary_cross_entropy(token_logit, changed_tokens.astype(jnp.float32))  # [B, L]
-                metrics["text_token_gate_loss"] = jnp.sum(jnp.mean(bce, axis=1) * rows) / jnp.maximum(
-                    jnp.sum(rows), 1.0
-                )
+                count = jnp.maximum(jnp.sum(rows) * bce.shape[1], 1.0)  # as in text_gate_bce
+                metrics["text_token_gate_loss"] = jnp.sum(bce * rows[:, None]) / count
                 metrics["text_gate_loss"] = metrics["text_gate_loss"] + metrics["text_token_gate_loss"]
             total = total + text_gate_weight * metrics["text_gate_loss"]
         if caption_change_weight > 0:
