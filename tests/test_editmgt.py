@@ -578,6 +578,20 @@ def test_balance_changed_rows_gives_each_row_the_mean_row_weight():
     np.testing.assert_array_equal(balanced == 0, changed == 0)
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_balance_changed_rows_partial_power_matches_numpy(power):
+    changed = np.zeros((3, 8), np.float32)
+    changed[0, :2] = 1.0
+    changed[1, :] = 1.0
+    balanced = np.asarray(editmgt.balance_changed_rows(jnp.asarray(changed), power))
+    counts = np.array([2.0, 8.0])
+    row_totals = counts ** (1.0 - power) * counts.sum() / (counts ** (1.0 - power)).sum()
+    np.testing.assert_allclose(balanced.sum(axis=1), [*row_totals, 0.0], rtol=1e-6)
+    if power == 0.0:
+        np.testing.assert_allclose(balanced, changed)
+    assert balanced.sum() == pytest.approx(changed.sum())
+
+
 def test_changed_row_balance_reweights_changed_tokens_per_row(tiny_editor):
     model, _, variables, batch = tiny_editor
     params, state = variables["params"], {"tokenizer": variables["tokenizer"]}

@@ -174,7 +174,7 @@ def test_init_from_params_fill_every_leaf_of_the_fresh_init(tiny_flow):
                                          init_params=previous)  # fmt: skip
     params = nn.meta.unbox(objective.init(jax.random.key(9), tiny_flow.arrays))["params"]
     assert jax.tree.structure(params) == jax.tree.structure(previous)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(previous)):
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(previous), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

@@ -244,7 +244,8 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
               code_smoothing: float = 0.0, pixel_weight: float = 0.0,
-              caption_change_weight: float = 0.0, changed_row_balance: bool = False):  # fmt: skip
+              caption_change_weight: float = 0.0, changed_row_balance: bool = False,
+              changed_row_power: float = 1.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -270,7 +271,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     target code's pixels (mean over pixels and channels), weighted like the cross-entropy (not in EditMGT).
     `changed_row_balance` gives every row's masked changed tokens the same total weight (the batch's mean per row),
     so a recolor that changes 4 tokens weighs as much as a background edit that changes 40; the changed tokens'
-    total weight in the batch is unchanged (`balance_changed_rows`; not in EditMGT).
+    total weight in the batch is unchanged (`balance_changed_rows`; not in EditMGT). `changed_row_power` < 1 balances
+    partially: a row's changed tokens then weigh in proportion to `count ** (1 - power)`.
     `caption_change_weight` > 0 adds `text.encoder.caption_change_loss`: the 'caption_change_head' params predict
     the batch's 'caption_change' (target minus source caption word counts) from the pooled instruction embedding, on
     the rows that kept their text (edit stage only; not in EditMGT).
@@ -332,7 +334,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         if cond is not None:
             changed_masked = changed_tokens.astype(jnp.float32) * weights  # [B, L]
             metrics["changed_accuracy"] = jnp.sum(correct * changed_masked) / jnp.maximum(jnp.sum(changed_masked), 1.0)
-            balanced = balance_changed_rows(changed_masked) if changed_row_balance else changed_masked  # [B, L]
+            balanced = (
+                balance_changed_rows(changed_masked, changed_row_power) if changed_row_balance else changed_masked
+            )  # [B, L]
             weights = weights - changed_masked + edit_weight * balanced
         total = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         if grounding_weight > 0:
@@ -386,15 +390,17 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     return loss
 
 
-def balance_changed_rows(changed: jax.Array) -> jax.Array:
-    """Rescales `changed` `[B, L]` (0/1 masked changed tokens) so every row with any sums to the batch's mean row sum.
+def balance_changed_rows(changed: jax.Array, power: float = 1.0) -> jax.Array:
+    """Reweights `changed` `[B, L]` (0/1 masked changed tokens) per row by `count ** -power`, keeping the batch total.
 
-    Rows without changed tokens stay 0; the batch total is kept, so only its split between rows changes.
+    `power` 1 gives every row with changed tokens the batch's mean row sum; 0.5 is a partial balance (a row's total
+    grows as the square root of its count); 0 returns `changed`. Rows without changed tokens stay 0.
     """
     counts = jnp.sum(changed, axis=1, keepdims=True)  # [B, 1]
     has_changes = counts > 0
-    mean_count = jnp.sum(counts) / jnp.maximum(jnp.sum(has_changes), 1)
-    return changed * jnp.where(has_changes, mean_count / jnp.maximum(counts, 1.0), 0.0)
+    scale = jnp.where(has_changes, jnp.maximum(counts, 1.0) ** -power, 0.0)  # [B, 1]
+    total = jnp.sum(counts)
+    return changed * scale * (total / jnp.maximum(jnp.sum(counts * scale), 1e-12))
 
 
 def code_soft_targets(code_features: jax.Array, tau: float) -> jax.Array:

@@ -98,7 +98,8 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # caption_change_weight: weight of the loss of a head predicting target minus source caption word counts from the
     # pooled instruction embedding (text/encoder.py CaptionChangeHead).
     # changed_row_balance: every row's masked changed tokens get the same total weight (methods/editmgt.py
-    # balance_changed_rows), so small object edits weigh as much as whole-background ones.
+    # balance_changed_rows), so small object edits weigh as much as whole-background ones; changed_row_power < 1
+    # balances partially (a row's changed tokens weigh in proportion to count ** (1 - power)).
     config.loss = ml_collections.ConfigDict(
         {
             "cfg_dropout": 0.1,
@@ -111,6 +112,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "pixel_weight": 0.0,
             "caption_change_weight": 0.0,
             "changed_row_balance": False,
+            "changed_row_power": 1.0,
         }
     )
     # Editing decodes in one argmax step by default: on every trained edit model we measured it matches or beats the
