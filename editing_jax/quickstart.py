@@ -2,7 +2,7 @@
 
 Stages (each resumable: a finished stage is skipped, an interrupted training resumes from its checkpoint):
   1. world: a preview grid of held-out edits and the prepared test split (tfds array_record) under `world/`;
-  2. vq: `configs/tokenizer/vq.py:size=32,patch` (the local patch tokenizer) in `vq/`;
+  2. vq: `configs/tokenizer/vq.py:size=32,patch` (the local patch tokenizer), 100 k-means steps, in `vq/`;
   3. editmgt: `configs/editmgt/edit.py:size=32,quick` in `editmgt/`, tokenizer from stage 2;
   4. eval: held-out verifier success per edit type with and without region hold, a lambda sweep, figures.
 
@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VQ_CONFIG = "tokenizer/vq.py:size=32,patch"
 EDITMGT_CONFIG = "editmgt/edit.py:size=32,quick"
+# The 15-minute budget: the patch VQ's k-means has converged by step 100 (docs/RESULTS.md), and training-time sample
+# grids would compile and run the sampler for figures the evaluation stage draws anyway.
+VQ_OVERRIDES = ("--config.train.num_steps=100",)
+EDITMGT_OVERRIDES = ("--config.train.sample_every=0",)
 SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 GRID_ROWS = 10
 
@@ -147,8 +151,11 @@ def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: in
         return result
 
     stage("world", 1, lambda: _world_stage(workdir, num_eval, show_progress))
-    vq_summary = stage("vq", 2, lambda: _train(VQ_CONFIG, list(vq_overrides or []), workdir / "vq", show_progress))
+    vq_summary = stage(
+        "vq", 2, lambda: _train(VQ_CONFIG, [*VQ_OVERRIDES, *(vq_overrides or [])], workdir / "vq", show_progress)
+    )
     mgt_overrides = [f"--config.tokenizer.checkpoint={workdir / 'vq'}", "--config.data.num_eval_examples=0"]
+    mgt_overrides += EDITMGT_OVERRIDES
     mgt_overrides += list(editmgt_overrides or [])
     mgt_summary = stage("editmgt", 3, lambda: _train(EDITMGT_CONFIG, mgt_overrides, workdir / "editmgt", show_progress))
 

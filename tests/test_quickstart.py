@@ -2,7 +2,9 @@
 
 import json
 
-from editing_jax import quickstart
+import pytest
+
+from editing_jax import cli, quickstart
 
 SHORT = ["--config.train.num_steps=2", "--config.mesh.data=1"]
 
@@ -23,3 +25,18 @@ def test_quickstart_runs_all_stages_and_resumes(tmp_path):
     # A second run skips the finished training stages.
     again = quickstart.run(tmp_path, show_progress=False, num_eval=4, vq_overrides=vq, editmgt_overrides=mgt)
     assert again["summary"]["stage_seconds"]["vq"] < summary["stage_seconds"]["vq"]
+
+
+def test_quickstart_cli_passes_editmgt_steps_and_rejects_nonpositive(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(workdir, **kwargs):
+        calls.append(kwargs["editmgt_overrides"])
+        return {"summary": {"held_out_verifier_success": 0.0}}
+
+    monkeypatch.setattr(quickstart, "run", fake_run)
+    assert cli.main(["quickstart", "--workdir", str(tmp_path), "--editmgt_steps", "1800"]) in (0, None)
+    assert cli.main(["quickstart", "--workdir", str(tmp_path)]) in (0, None)
+    assert calls == [["--config.train.num_steps=1800"], []]
+    with pytest.raises(SystemExit, match="must be positive"):
+        cli.main(["quickstart", "--workdir", str(tmp_path), "--editmgt_steps", "0"])

@@ -142,7 +142,9 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     config.data = defaults.world_data_config(size, batch_size=4 if tiny else 16, num_eval_examples=8 if tiny else 256)
     config.optimizer = defaults.optimizer_config(learning_rate=2e-3, warmup_steps=5 if tiny else 100,
                                                  weight_decay=0.01)  # fmt: skip
-    num_steps = 10 if tiny else (1800 if quick else 5000)
+    # quick: the quickstart's schedule, sized to its 15-minute budget on 2 CPU cores (1,800 steps until the eleventh
+    # session; docs/RESULTS.md, EditMGT: Quickstart).
+    num_steps = 10 if tiny else (1200 if quick else 5000)
     config.train = defaults.train_config(
         num_steps=num_steps,
         log_every=5 if tiny else 50,
