@@ -268,7 +268,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     from editing_jax import quickstart
 
     if args.editmgt_steps is not None and args.editmgt_steps <= 0:
-        raise SystemExit(f"editing-jax quickstart: --editmgt_steps must be positive, got {args.editmgt_steps}")
+        raise UserError(f"--editmgt_steps must be positive, got {args.editmgt_steps}")
     overrides = [] if args.editmgt_steps is None else [f"--config.train.num_steps={args.editmgt_steps}"]
     report = quickstart.run(
         args.workdir, show_progress=not args.quiet, num_eval=args.num_eval, editmgt_overrides=overrides

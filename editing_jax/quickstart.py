@@ -151,12 +151,10 @@ def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: in
         return result
 
     stage("world", 1, lambda: _world_stage(workdir, num_eval, show_progress))
-    vq_summary = stage(
-        "vq", 2, lambda: _train(VQ_CONFIG, [*VQ_OVERRIDES, *(vq_overrides or [])], workdir / "vq", show_progress)
-    )
+    vq_all = [*VQ_OVERRIDES, *(vq_overrides or [])]
+    vq_summary = stage("vq", 2, lambda: _train(VQ_CONFIG, vq_all, workdir / "vq", show_progress))
     mgt_overrides = [f"--config.tokenizer.checkpoint={workdir / 'vq'}", "--config.data.num_eval_examples=0"]
-    mgt_overrides += EDITMGT_OVERRIDES
-    mgt_overrides += list(editmgt_overrides or [])
+    mgt_overrides += [*EDITMGT_OVERRIDES, *(editmgt_overrides or [])]
     mgt_summary = stage("editmgt", 3, lambda: _train(EDITMGT_CONFIG, mgt_overrides, workdir / "editmgt", show_progress))
 
     def evaluate():
