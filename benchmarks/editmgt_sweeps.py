@@ -1,7 +1,7 @@
 """EditMGT sweeps on the held-out split: region-hold threshold lambda, attention filters, condition strength gamma.
 
   python benchmarks/editmgt_sweeps.py --checkpoint workdir/quickstart/editmgt --num 256 [--steps 12 \
-      --token_temperature 1 --map_scaling minmax --attention_source joint]
+      --token_temperature 1 --map_scaling minmax --attention_source joint --no-paste_source]
 
 For each setting: verifier success (overall and per edit type) and mean preservation L1 outside the edit mask, on
 the same `--num` test examples with the same seeds. Writes benchmarks/results/editmgt_sweeps.json (or --out) and
@@ -46,9 +46,13 @@ def main() -> None:
     parser.add_argument("--map_scaling", default=None, choices=("minmax", "max", "none"))
     parser.add_argument("--attention_source", default=None, choices=("joint", "text_cross"))
     parser.add_argument("--region_hold_threshold", type=float, default=None)
+    parser.add_argument("--paste_source", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args()
     overrides = {key: getattr(args, flag) for flag, key in DECODING_FLAGS}
+    overrides["paste_source"] = args.paste_source
     flags = "".join(f" --{flag} {getattr(args, flag)}" for flag, _ in DECODING_FLAGS if getattr(args, flag) is not None)
+    if args.paste_source is not None:
+        flags += " --paste_source" if args.paste_source else " --no-paste_source"
 
     from editing_jax import inference
 

@@ -198,6 +198,7 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
         "temperature": args.remask_noise,
         "map_scaling": args.map_scaling,
         "attention_source": args.attention_source,
+        "paste_source": args.paste_source,
         "text_positions": "keyword" if getattr(args, "query", None) else None,
     }
 
@@ -297,6 +298,13 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         "--attention_source",
         default=None,
         help="EditMGT region-hold map: joint (the paper's joint attention) or text_cross (text cross-attention)",
+    )
+    parser.add_argument(
+        "--paste_source",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EditMGT: keep the input's pixels where the output token is the source token (default: from the "
+        "checkpoint, on for edit models)",
     )
     parser.add_argument("--seed", type=int, default=0)
 

@@ -286,6 +286,29 @@ def test_region_hold_extremes(tiny_editor, guidance):
     assert 0 < held.sum() < held.size
 
 
+def test_paste_source_keeps_input_pixels_exactly_where_the_source_token_is_kept(tiny_editor):
+    model, _, variables, batch = tiny_editor
+    state = {"tokenizer": variables["tokenizer"]}
+    base = editmgt.SamplingSettings(num_steps=2, attention_layers=(0, 2))
+    pasted = dataclasses.replace(base, paste_source=True)
+    source = np.asarray(batch["source_image"])  # [2, 8, 8, 3]; 4x4 tokens, 2x2 pixels each
+    for lam in (0.0, 0.5):
+        plain = editmgt.run_edits(editmgt.make_edit_fn(model, base), variables["params"], state, batch, base,
+                                  region_hold_threshold=lam)  # fmt: skip
+        out = editmgt.run_edits(editmgt.make_edit_fn(model, pasted), variables["params"], state, batch, pasted,
+                                region_hold_threshold=lam)  # fmt: skip
+        np.testing.assert_array_equal(out["tokens"], plain["tokens"])
+        kept = np.repeat(np.repeat(out["tokens"] == out["source_tokens"], 2, axis=1), 2, axis=2)  # [2, 8, 8]
+        assert kept.any() and not kept.all()
+        np.testing.assert_array_equal(out["images"][kept], source[kept])
+        np.testing.assert_array_equal(out["images"][~kept], plain["images"][~kept])
+        # The random tiny VQ reconstructs badly: without pasting, kept cells are not the input.
+        assert np.abs(plain["images"][kept].astype(int) - source[kept]).max() > 0
+    hold_all = editmgt.run_edits(editmgt.make_edit_fn(model, pasted), variables["params"], state, batch, pasted,
+                                 region_hold_threshold=1.5)  # fmt: skip
+    np.testing.assert_array_equal(hold_all["images"], source)
+
+
 def test_text_cross_region_hold_map_is_the_gate_of_the_text_cross_attention():
     model, _, variables, batch = _tiny_editor(text_cross=True)
     params, state = variables["params"], {"tokenizer": variables["tokenizer"]}

@@ -88,6 +88,7 @@ def test_eval_reports_per_edit_type(editor_run, tmp_path, capsys):
     assert code == 0, err
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"plain", "hold"}
+    assert report["settings"]["paste_source"] is True  # the edit config's default
     plain = report["results"]["plain"]
     assert plain["num_examples"] == 6 and plain["region_hold_threshold"] == 0.0
     assert sum(v["num_examples"] for v in plain["per_edit_type"].values()) == 6
@@ -98,10 +99,11 @@ def test_eval_decoding_flags_reach_the_sampler_and_lambda_zero_runs_no_hold_pass
     out = tmp_path / "results.json"
     code, _, err = _run(capsys, "eval", "--checkpoint", str(editor_run / "mgt"), "--split", "val", "--num", "3",
                         "--out", str(out), "--steps", "1", "--token_temperature", "0", "--remask_noise", "0.5",
-                        "--map_scaling", "max", "--region_hold_threshold", "0")  # fmt: skip
+                        "--map_scaling", "max", "--region_hold_threshold", "0", "--no-paste_source")  # fmt: skip
     assert code == 0, err
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"plain"}
     settings = report["settings"]
+    assert settings["paste_source"] is False
     assert settings["num_steps"] == 1 and settings["token_temperature"] == 0.0
     assert settings["temperature"] == 0.5 and settings["map_scaling"] == "max"

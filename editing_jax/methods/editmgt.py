@@ -70,6 +70,9 @@ class SamplingSettings:
     # 'joint': the paper's text->image maps of the joint attention blocks; 'text_cross': each image token's attention
     # on the selected words in the text cross-attention blocks (needs model.text_cross_attention).
     attention_source: str = "joint"
+    # Keep the source's own pixels in every token cell whose output token is the source token (held or copied), so
+    # untouched regions are the input exactly instead of its tokenizer reconstruction. Not in EditMGT; edit stage only.
+    paste_source: bool = False
 
     @classmethod
     def from_config(cls, config, **overrides) -> SamplingSettings:
@@ -531,8 +534,11 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             region_hold_threshold=lam,
         )
         tokens = tokens.reshape(batch, grid, grid)
+        images = model.decode_tokens(model_state, tokens)  # [B, H, W, 3] uint8
+        if settings.paste_source and model.uses_condition:
+            images = paste_unchanged_cells(images, source_uint8, tokens == source)
         return {
-            "images": model.decode_tokens(model_state, tokens),
+            "images": images,
             "tokens": tokens,
             "source_tokens": source,
             "held": aux["held"].reshape(batch, grid, grid),
@@ -541,6 +547,23 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
         }
 
     return jax.jit(edit)
+
+
+def paste_unchanged_cells(images: jax.Array, source: jax.Array, unchanged: jax.Array) -> jax.Array:
+    """Source pixels in the cells of unchanged tokens.
+
+    Args:
+      images: `[B, H, W, C]` decoded edit.
+      source: `[B, H, W, C]` source image, same dtype.
+      unchanged: `[B, h, w]` bool, True where the output token is the source token; H / h is the tokenizer's
+        downsampling factor.
+
+    Returns:
+      `[B, H, W, C]`: `source` in every cell of an unchanged token, `images` elsewhere.
+    """
+    factor = images.shape[1] // unchanged.shape[1]
+    keep = jnp.repeat(jnp.repeat(unchanged, factor, axis=1), factor, axis=2)[..., None]  # [B, H, W, 1]
+    return jnp.where(keep, source, images)
 
 
 def text_positions_for(batch: Batch, mode: str) -> np.ndarray:

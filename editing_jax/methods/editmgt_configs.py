@@ -137,6 +137,9 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             # 'max' keeps a flat map (an edit of the whole background) above lambda; 'minmax' always holds a region.
             "map_scaling": "none" if edit else "minmax",
             "attention_source": "text_cross" if edit else "joint",  # editmgt.ATTENTION_SOURCES
+            # Untouched token cells show the input's pixels, not its VQ reconstruction (whose error was over half of
+            # the quickstart's preservation L1; docs/RESULTS.md, EditMGT: "The tokenizer's floor").
+            "paste_source": edit,
         }
     )
     config.data = defaults.world_data_config(size, batch_size=4 if tiny else 16, num_eval_examples=8 if tiny else 256)
