@@ -167,6 +167,39 @@ def test_text_gate_loss_is_bce_of_the_gates_against_the_edit_mask_cells(tiny_flo
         flow_edit.make_loss(tiny_flow.model, text_gate_weight=1.0)
 
 
+def test_edit_weight_is_a_weighted_mean_over_the_edited_cells(tiny_flow):
+    model, params, state = tiny_flow.model, tiny_flow.params, tiny_flow.state
+    edit_mask = np.zeros((2, 8, 8), np.uint8)
+    edit_mask[0, 1, 1] = 1  # row 0: cell (0, 0) of the 2x2 token grid
+    edit_mask[1, 4:, 4:] = 1  # row 1: cell (1, 1)
+    arrays = dict(tiny_flow.arrays, edit_mask=jnp.asarray(edit_mask))
+    rng = jax.random.key(7)
+    plain, plain_aux = flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform")(
+        params, state, arrays, rng
+    )
+    weighted, aux = flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform", edit_weight=3.0)(
+        params, state, arrays, rng
+    )
+    # The per-token squared error by hand (same rng splits as the loss).
+    time_rng, noise_rng, _ = jax.random.split(rng, 3)
+    x0 = model.encode(state, arrays["target_image"])  # [2, 4, C]
+    t = jax.random.uniform(time_rng, (2,), minval=1e-3, maxval=1 - 1e-3)
+    eps = jax.random.normal(noise_rng, x0.shape)
+    v = tiny_flow.predict(params, flow_edit.interpolate(x0, eps, t), t, arrays["text_ids"], arrays["text_mask"],
+                          arrays["source_image"])  # fmt: skip
+    per_token = np.mean(np.square(np.asarray(v, np.float64) - np.asarray(eps - x0, np.float64)), axis=2)  # [2, 4]
+    weights = np.asarray([[3, 1, 1, 1], [1, 1, 1, 3]], np.float64)
+    np.testing.assert_allclose(float(plain), per_token.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(weighted), np.sum(weights * per_token) / weights.sum(), rtol=1e-5)
+    assert abs(float(weighted) - float(plain)) > 1e-6
+    # The diagnostics stay the unweighted per-row errors.
+    np.testing.assert_allclose(float(aux.metrics["loss_low_t"]), float(plain_aux.metrics["loss_low_t"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="edit_mask"):
+        flow_edit.make_loss(model, edit_weight=3.0)(params, state, tiny_flow.arrays, rng)
+    with pytest.raises(ValueError, match="edit_weight"):
+        flow_edit.make_loss(model, edit_weight=0.0)
+
+
 def test_init_from_params_fill_every_leaf_of_the_fresh_init(tiny_flow):
     previous = jax.tree.map(lambda x: x + 1.0, tiny_flow.params)  # a "trained" run, unlike any fresh init
     objective = flow_edit.make_objective(tiny_flow.model, tiny_flow.state["tokenizer"], cfg_dropout=0.0,

@@ -57,8 +57,9 @@ def get_config(arg=None):
         }
     )
     # text_gate_weight: weight of the per-token "is this cell edited" loss on the gates of model.text_cross_attention.
+    # edit_weight: weight of the velocity error of tokens whose cell holds an edited pixel (1 = plain flow matching).
     config.loss = ml_collections.ConfigDict(
-        {"cfg_dropout": 0.1, "timestep_sampling": "logit_normal", "text_gate_weight": 1.0}
+        {"cfg_dropout": 0.1, "timestep_sampling": "logit_normal", "text_gate_weight": 1.0, "edit_weight": 1.0}
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
     config.data = defaults.world_data_config(size, batch_size=4 if tiny else 32, num_eval_examples=8 if tiny else 256)

@@ -269,7 +269,7 @@ def empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling: str = "logit_normal",
-              text_gate_weight: float = 0.0):  # fmt: skip
+              text_gate_weight: float = 0.0, edit_weight: float = 1.0):  # fmt: skip
     """The flow-matching loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     loss = mean over batch, tokens and channels of (v_theta(x_t, t, text, source) - (eps - x_0))^2, with
@@ -285,12 +285,18 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
           block's gate (target and reference tokens) against the cells of the batch's pixel `edit_mask` (the
           world's; `editmgt.cells_with_any`), over the rows that kept their text (`editmgt.text_gate_bce`). Metrics
           'text_gate_loss' and 'text_gate_accuracy' (last block). Needs `model.text_cross_attention`. Not in Flux.
+        edit_weight: the squared error of target tokens whose cell holds an edited pixel (`editmgt.cells_with_any`
+          of the batch's `edit_mask`) weighs this much, the others 1; the loss is then the weighted mean over batch
+          and tokens (EditMGT's `loss.edit_weight` for the flow editor; 1 = plain flow matching). Not in Flux.
 
     Raises:
-        ValueError: an unknown timestep_sampling, or text_gate_weight > 0 without text cross-attention.
+        ValueError: an unknown timestep_sampling, text_gate_weight > 0 without text cross-attention, or
+          edit_weight <= 0.
     """
     if timestep_sampling not in TIMESTEP_SAMPLING:
         raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+    if edit_weight <= 0:
+        raise ValueError(f"loss.edit_weight must be > 0, got {edit_weight}")
     if text_gate_weight > 0 and not model.dit.text_cross_attention:
         raise ValueError("loss.text_gate_weight > 0 needs model.text_cross_attention")
     gates = tuple(f"text_cross_blocks_{i}" for i in range(model.dit.num_layers)) if text_gate_weight > 0 else ()
@@ -309,8 +315,12 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
             predicted = predicted.astype(jnp.float32)  # [B, L, C]
         else:
             predicted = model.velocity(params, x_t, t, text, reference)  # [B, L, C]
-        per_example = jnp.mean(jnp.square(predicted - velocity_target(x0, noise)), axis=(1, 2))  # [B]
+        per_token = jnp.mean(jnp.square(predicted - velocity_target(x0, noise)), axis=2)  # [B, L]
+        per_example = jnp.mean(per_token, axis=1)  # [B]
         total = jnp.mean(per_example)
+        if edit_weight != 1.0:
+            weights = 1.0 + (edit_weight - 1.0) * _edited_cells(batch, model.token_grid)  # [B, L]
+            total = jnp.sum(per_token * weights) / jnp.sum(weights)
         low = (t < 0.5).astype(jnp.float32)  # [B]
         metrics = {
             "loss": total,
@@ -318,9 +328,7 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
             "loss_high_t": jnp.sum(per_example * (1 - low)) / jnp.maximum(jnp.sum(1 - low), 1.0),
         }
         if gates:
-            if "edit_mask" not in batch:
-                raise ValueError("loss.text_gate_weight > 0 needs batches with an 'edit_mask' (the world's)")
-            cells = editmgt.cells_with_any(batch["edit_mask"], model.token_grid)  # [B, g]
+            cells = _edited_cells(batch, model.token_grid)  # [B, g]
             cells = jnp.concatenate([cells, cells], axis=1)  # [B, 2g]: reference tokens share the target's cells
             rows = jnp.any(mask, axis=1).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
             # (loss, agreement) per block
@@ -333,6 +341,13 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         return total, LossAux(metrics=metrics, model_state=model_state)
 
     return loss
+
+
+def _edited_cells(batch: Batch, grid: int) -> jax.Array:
+    """`[B, grid * grid]` 0/1: the target token cells that hold an edited pixel of the batch's world `edit_mask`."""
+    if "edit_mask" not in batch:
+        raise ValueError("loss.text_gate_weight > 0 and loss.edit_weight != 1 need batches with an 'edit_mask'")
+    return editmgt.cells_with_any(batch["edit_mask"], grid)
 
 
 def latent_stats(model: FlowEditor, tokenizer_variables: PyTree, images_uint8: jax.Array) -> dict[str, jax.Array]:
@@ -429,7 +444,8 @@ def visualize_edits(edit_fn, params, model_state, batch: Batch, settings: FlowSe
 
 def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: float, timestep_sampling: str,
                    settings: FlowSettings, init_params: PyTree | None = None,
-                   init_latent_stats: PyTree | None = None, text_gate_weight: float = 0.0) -> Objective:  # fmt: skip
+                   init_latent_stats: PyTree | None = None, text_gate_weight: float = 0.0,
+                   edit_weight: float = 1.0) -> Objective:  # fmt: skip
     """The trainer objective.
 
     Args:
@@ -440,7 +456,7 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
         settings: sampler settings of visualize / evaluate.
         init_params: optional params replacing the fresh ones where paths and shapes match (a previous run's).
         init_latent_stats: optional latent statistics to keep (the `init_params` run's) instead of estimating them.
-        text_gate_weight: see `make_loss`.
+        text_gate_weight, edit_weight: see `make_loss`.
 
     Returns:
         An Objective whose evaluate reports 'verifier_success', 'preservation_l1' and 'verifier_success/<type>'.
@@ -482,7 +498,11 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
         name="flow_edit",
         init=init,
         loss=make_loss(
-            model, cfg_dropout=cfg_dropout, timestep_sampling=timestep_sampling, text_gate_weight=text_gate_weight
+            model,
+            cfg_dropout=cfg_dropout,
+            timestep_sampling=timestep_sampling,
+            text_gate_weight=text_gate_weight,
+            edit_weight=edit_weight,
         ),
         visualize=visualize,
         evaluate=evaluate,
@@ -547,4 +567,5 @@ def build_objective(config) -> Objective:
         init_params=init_params,
         init_latent_stats=init_stats,
         text_gate_weight=float(config.loss.get("text_gate_weight", 0.0)),
+        edit_weight=float(config.loss.get("edit_weight", 1.0)),
     )
