@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--token_temperature", type=float, default=None)
     parser.add_argument("--remask_noise", type=float, default=None)
     parser.add_argument("--map_scaling", default=None, choices=("minmax", "max", "none"))
-    parser.add_argument("--attention_source", default=None, choices=("joint", "text_cross"))
+    parser.add_argument("--attention_source", default=None, choices=("joint", "text_cross", "token_change"))
     parser.add_argument("--region_hold_threshold", type=float, default=None)
     parser.add_argument("--paste_source", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args()

@@ -297,7 +297,8 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention_source",
         default=None,
-        help="EditMGT region-hold map: joint (the paper's joint attention) or text_cross (text cross-attention)",
+        help="EditMGT region-hold map: joint (the paper's joint attention), text_cross (text cross-attention) or "
+        "token_change (the token change head of models trained with it)",
     )
     parser.add_argument(
         "--paste_source",

@@ -203,6 +203,7 @@ def _tiny_editor(
     text_cross=False,
     pixel_head=False,
     token_gate=False,
+    token_change=False,
     loss_options=None,
 ):
     if pixel_head:  # the patch VQ: a code is a 2x2 pixel block (F = 12)
@@ -219,6 +220,7 @@ def _tiny_editor(
                                       source_copy=source_copy, content_head=content_head,
                                       text_cross_attention=text_cross or token_gate,
                                       text_code_score=token_gate, text_code_token_gate=token_gate,
+                                      token_change_head=token_change,
                                       pixel_channels=3 if pixel_head else 0)  # fmt: skip
     model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
@@ -307,6 +309,47 @@ def test_paste_source_keeps_input_pixels_exactly_where_the_source_token_is_kept(
     hold_all = editmgt.run_edits(editmgt.make_edit_fn(model, pasted), variables["params"], state, batch, pasted,
                                  region_hold_threshold=1.5)  # fmt: skip
     np.testing.assert_array_equal(hold_all["images"], source)
+
+
+def test_token_change_head_is_trained_on_changed_tokens_and_is_the_token_change_hold_map():
+    model, _, variables, batch = _tiny_editor(token_change=True)
+    params, state = variables["params"], {"tokenizer": variables["tokenizer"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items() if v.dtype != object}
+    rng = jax.random.key(4)
+    plain, _ = editmgt.make_loss(model, cfg_dropout=0.0)(params, state, device_batch, rng)
+    total, aux = editmgt.make_loss(model, cfg_dropout=0.0, token_change_weight=2.0)(params, state, device_batch, rng)
+    # The loss's forward by hand (same rng splits, no text dropout), then the head's BCE in float64.
+    mask_rng, _ = jax.random.split(rng)
+    target = model.encode_images(state, device_batch["target_image"]).reshape(2, -1)
+    source = model.encode_images(state, device_batch["source_image"])  # [2, 4, 4]
+    changed = np.asarray(target != source.reshape(2, -1))
+    assert changed.any() and not changed.all()
+    inputs, _, fraction = editmgt._mask_tokens(mask_rng, target, 16, changed=jnp.asarray(changed))
+    text_mask = device_batch["text_mask"]
+    hidden, pooled = model.encode_text(params, device_batch["text_ids"], text_mask)
+    _, _, sown = model.logits(params, inputs.reshape(2, 4, 4), (hidden, text_mask, pooled), fraction, source,
+                              model_state=state, sown=("token_change_logit",))  # fmt: skip
+    logit = np.asarray(sown["token_change_logit"], np.float64).reshape(2, -1)
+    bce = np.logaddexp(0.0, logit) - changed * logit
+    np.testing.assert_allclose(float(aux.metrics["token_change_loss"]), bce.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(total) - float(plain), 2.0 * bce.mean(), rtol=1e-4)
+    # As the region-hold map: the head's probability of the one-step edit's forward (all target tokens masked).
+    settings = editmgt.SamplingSettings(num_steps=1, attention_source="token_change", filter="none", keep_peaks=False,
+                                        map_scaling="none")  # fmt: skip
+    edit_fn = editmgt.make_edit_fn(model, settings)
+    masked = jnp.full(source.shape, model.mgt.mask_token_id)
+    _, _, sown = model.logits(params, masked, (hidden, text_mask, pooled), jnp.ones((2,)), source, model_state=state,
+                              sown=("token_change_logit",))  # fmt: skip
+    expected = 1.0 / (1.0 + np.exp(-np.asarray(sown["token_change_logit"], np.float64)))  # [2, 4, 4]
+    lam = float(np.median(expected))
+    out = editmgt.run_edits(edit_fn, params, state, batch, settings, region_hold_threshold=lam)
+    np.testing.assert_allclose(out["attention"], expected, rtol=1e-5)
+    np.testing.assert_array_equal(out["held"], expected < lam)
+    np.testing.assert_array_equal(out["tokens"][out["held"]], out["source_tokens"][out["held"]])
+    with pytest.raises(ValueError, match="token_change_head"):
+        editmgt.make_edit_fn(_tiny_editor()[0], settings)
+    with pytest.raises(ValueError, match="token_change_head"):
+        editmgt.make_loss(_tiny_editor()[0], token_change_weight=1.0)
 
 
 def test_text_cross_region_hold_map_is_the_gate_of_the_text_cross_attention():

@@ -47,7 +47,7 @@ AESTHETIC_SCORE = 6.0
 MAX_VISUALIZED_ROWS = 8
 
 
-ATTENTION_SOURCES = ("joint", "text_cross")
+ATTENTION_SOURCES = ("joint", "text_cross", "token_change")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,9 @@ class SamplingSettings:
     keep_peaks: bool = True
     map_scaling: str = "minmax"  # attention_maps.SCALINGS: how the consolidated map is rescaled to [0, 1]
     # 'joint': the paper's text->image maps of the joint attention blocks; 'text_cross': each image token's attention
-    # on the selected words in the text cross-attention blocks (needs model.text_cross_attention).
+    # on the selected words in the text cross-attention blocks (needs model.text_cross_attention); 'token_change':
+    # the sigmoid of the token change head, a full-resolution probability (needs model.token_change_head; the layer
+    # range and text positions do not apply).
     attention_source: str = "joint"
     # Keep the source's own pixels in every token cell whose output token is the source token (held or copied), so
     # untouched regions are the input exactly instead of its tokenizer reconstruction. Not in EditMGT; edit stage only.
@@ -248,7 +250,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
               code_smoothing: float = 0.0, pixel_weight: float = 0.0,
               caption_change_weight: float = 0.0, changed_row_balance: bool = False,
-              changed_row_power: float = 1.0):  # fmt: skip
+              changed_row_power: float = 1.0, token_change_weight: float = 0.0):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
@@ -266,6 +268,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     `model.text_cross_attention`; edit stage only; not in EditMGT). With `model.text_code_token_gate` it adds the
     binary cross-entropy of the text score's token gate against the changed tokens (mean over tokens and text rows;
     metric 'text_token_gate_loss').
+    `token_change_weight` > 0 adds the binary cross-entropy of `model.token_change_head`'s logit against the changed
+    tokens, mean over the tokens of the rows that kept their text (metrics 'token_change_loss' and
+    'token_change_accuracy'; edit stage only; not in EditMGT).
     `code_smoothing` = tau > 0 replaces each token's one-hot target by soft targets over the codebook,
     q(k) proportional to exp(-d(k, y) / tau) with d the mean squared difference of the standardized code vectors
     (for the patch VQ, of the 2x2 pixel blocks): a near-miss code gets partial credit (needs `model.code_content`;
@@ -290,6 +295,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         raise ValueError("loss.pixel_weight > 0 needs model.pixel_head")
     if text_gate_weight > 0 and not (model.uses_condition and model.mgt.text_cross_attention):
         raise ValueError("loss.text_gate_weight > 0 needs the edit stage and model.text_cross_attention")
+    if token_change_weight > 0 and not (model.uses_condition and model.mgt.token_change_head):
+        raise ValueError("loss.token_change_weight > 0 needs the edit stage and model.token_change_head")
     if caption_change_weight > 0 and not model.uses_condition:
         raise ValueError("loss.caption_change_weight > 0 needs the edit stage (source and target captions)")
     gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
@@ -297,6 +304,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     sown += (("pixel_prediction",) if pixel_weight > 0 else ()) + gates
     token_gate = text_gate_weight > 0 and model.mgt.text_code_token_gate
     sown += ("text_token_gate_logit",) if token_gate else ()
+    sown += ("token_change_logit",) if token_change_weight > 0 else ()
 
     def loss(params, model_state, batch, rng):
         mask_rng, drop_rng = jax.random.split(rng)
@@ -378,6 +386,16 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
                 metrics["text_token_gate_loss"] = jnp.sum(bce * rows[:, None]) / count
                 metrics["text_gate_loss"] = metrics["text_gate_loss"] + metrics["text_token_gate_loss"]
             total = total + text_gate_weight * metrics["text_gate_loss"]
+        if token_change_weight > 0:
+            change_logit = outputs[2]["token_change_logit"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
+            changed_f = changed_tokens.astype(jnp.float32)  # [B, L]
+            bce = optax.sigmoid_binary_cross_entropy(change_logit, changed_f)  # [B, L]
+            rows = (~drop).astype(jnp.float32)[:, None]  # [B, 1]: rows whose text was dropped cannot know the change
+            count = jnp.maximum(jnp.sum(rows) * bce.shape[1], 1.0)
+            metrics["token_change_loss"] = jnp.sum(bce * rows) / count
+            agree = ((change_logit > 0).astype(jnp.float32) == changed_f).astype(jnp.float32)
+            metrics["token_change_accuracy"] = jnp.sum(agree * rows) / count
+            total = total + token_change_weight * metrics["token_change_loss"]
         if caption_change_weight > 0:
             predicted = model.caption_change_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]
             if "caption_change" not in batch:
@@ -442,7 +460,7 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
     One jitted function: encode the source, run S MaskGIT steps (each one MGT forward, CFG batched with the
     unconditional pass), consolidate text->image attention of `settings.attention_layers` over `text_positions`
     (joint attention, or with `attention_source='text_cross'` the image tokens' attention to those words in the
-    text cross-attention blocks),
+    text cross-attention blocks; with 'token_change' the token change head's probability instead),
     smooth it in-graph, hold regions below `lam`, decode the tokens. `lam` and `gamma` are traced (no recompiles
     for sweeps); the number of steps, filter and layer range are static.
 
@@ -450,10 +468,16 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
     attention `[B, h, w]` (the map averaged over steps), num_held `[B]`.
     """
     start, stop = settings.attention_layers
-    if not 0 <= start < stop <= model.mgt.num_blocks:
-        raise ValueError(f"attention_layers {settings.attention_layers} outside [0, {model.mgt.num_blocks}]")
     text_cross = settings.attention_source == "text_cross"
-    if text_cross:
+    token_change = settings.attention_source == "token_change"
+    if not token_change and not 0 <= start < stop <= model.mgt.num_blocks:
+        raise ValueError(f"attention_layers {settings.attention_layers} outside [0, {model.mgt.num_blocks}]")
+    if token_change:
+        if not model.mgt.token_change_head:
+            raise ValueError("attention_source 'token_change' needs a model with token_change_head")
+        sown = ("token_change_logit",)
+        capture = ()
+    elif text_cross:
         if not model.mgt.text_cross_attention:
             raise ValueError("attention_source 'text_cross' needs a model with text_cross_attention")
         # Text cross-attention follows each double-stream block: blocks start .. stop - 1 that have one.
@@ -502,6 +526,10 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             outputs = model.logits(params, tokens, text, fraction, cond, gamma=gamma, capture_layers=capture,
                                    model_state=model_state, sown=sown)  # fmt: skip
             logits = outputs[0].reshape(outputs[0].shape[0], grid * grid, -1)
+            uncond = logits[batch:] if use_cfg else None
+            if token_change:  # a probability per token at full resolution: smoothed, not consolidated
+                maps = jax.nn.sigmoid(outputs[2]["token_change_logit"][:batch].astype(jnp.float32))  # [B, h, w]
+                return logits[:batch], uncond, smooth(maps).reshape(batch, -1)
             if text_cross:  # [N, B, 1, Lt, g]: image tokens' attention to the words, as text->image maps
                 probs = jnp.stack([jnp.swapaxes(outputs[2][name][:batch], 1, 2)[:, None] for name in sown])
                 consolidate_args = dict(image_slice=slice(0, inner_grid * inner_grid), sum_text=True)
@@ -519,7 +547,6 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             if inner_grid != grid:
                 maps = jnp.repeat(jnp.repeat(maps, 2, axis=1), 2, axis=2)  # [B, h, w]
             scores = smooth(maps).reshape(batch, -1)  # [B, L]
-            uncond = logits[batch:] if use_cfg else None
             return logits[:batch], uncond, scores
 
         tokens, aux = maskgit.decode(

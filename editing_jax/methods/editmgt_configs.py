@@ -80,6 +80,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "text_gate_copy": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_gate_copy
             "text_code_score": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_code_score
             "text_code_token_gate": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_code_token_gate
+            "token_change_head": False,  # not in EditMGT; see MaskedGenerativeTransformer.token_change_head
             "pixel_head": False,  # not in EditMGT; see MaskedGenerativeTransformer.pixel_channels (needs a patch VQ)
             "mlp_ratio": 4.0,
             "zero_init_modulation": True,
@@ -95,6 +96,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # code_smoothing: tau > 0 trains on soft targets over codes near the target code (methods/editmgt.py make_loss).
     # pixel_weight: weight of the squared error of the pixel head's predicted block (needs model.pixel_head).
     # text_gate_weight: weight of the per-grid-cell "is this cell edited" loss on the gates of model.text_cross_attention.
+    # token_change_weight: weight of the per-token "does this token change" loss of model.token_change_head.
     # caption_change_weight: weight of the loss of a head predicting target minus source caption word counts from the
     # pooled instruction embedding (text/encoder.py CaptionChangeHead).
     # changed_row_balance: every row's masked changed tokens get the same total weight (methods/editmgt.py
@@ -113,6 +115,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "caption_change_weight": 0.0,
             "changed_row_balance": False,
             "changed_row_power": 1.0,
+            "token_change_weight": 0.0,
         }
     )
     # Editing decodes in one argmax step by default: on every trained edit model we measured it matches or beats the

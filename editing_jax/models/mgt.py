@@ -123,6 +123,10 @@ class MaskedGenerativeTransformer(nn.Module):
         with the changed tokens by `loss.text_gate_weight`. Needs `text_code_score`. Not in EditMGT. Measured on the
         quick config with `loss.changed_row_balance`: it does not keep background edits off the objects
         (docs/RESULTS.md, EditMGT: "Giving object edits their weight in the full mix").
+      token_change_head: a per-token logit of "this token changes" read from the final hidden state at full token
+        resolution, sown as 'token_change_logit' and trained against the changed tokens by `loss.token_change_weight`.
+        Region hold can read it (`sampling.attention_source='token_change'`): the cross-attention gate lives on the
+        2x-downsampled grid, where every cell of a background edit holds an edited pixel. Not in EditMGT.
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
@@ -152,6 +156,7 @@ class MaskedGenerativeTransformer(nn.Module):
     text_gate_copy: bool = False
     text_code_score: bool = False
     text_code_token_gate: bool = False
+    token_change_head: bool = False
     pixel_channels: int = 0
     mlp_ratio: float = 4.0
     zero_init_modulation: bool = True
@@ -220,6 +225,8 @@ class MaskedGenerativeTransformer(nn.Module):
                                          kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
         if self.text_code_token_gate:
             self.text_token_gate = Dense(1, ("embed", None), **kwargs)
+        if self.token_change_head:
+            self.token_change = Dense(1, ("embed", None), **kwargs)
         if self.content_head:
             if not self.code_content_dim:
                 raise ValueError("content_head needs code_content_dim > 0")
@@ -401,6 +408,8 @@ class MaskedGenerativeTransformer(nn.Module):
         if skip is not None:
             hidden = hidden + (skip if keep is None else keep * skip)
         logits = self.mlm_layer(hidden)  # [B, h, w, V]
+        if self.token_change_head:
+            self.sow("intermediates", "token_change_logit", self.token_change(hidden)[..., 0])  # [B, h, w]
         if codes is not None:
             keys = self.content_key_out(nn.gelu(self.content_key_in(codes)))  # [V, E]
             queries = self.content_query(hidden)  # [B, h, w, E]
