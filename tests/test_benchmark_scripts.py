@@ -41,3 +41,18 @@ def test_role_probe_decodes_only_what_the_features_hold():
     assert probe._ridge_accuracy(features[:400], other[:400], features[400:], other[400:]) < 0.3  # chance 1/8
     np.testing.assert_allclose(probe._variance_share(np.eye(8)[labels], labels), 1.0)
     assert probe._variance_share(features, labels) < 0.05  # the label lives in low-variance features
+
+
+def test_hold_map_probe_counts_tokens_that_must_change_and_must_keep():
+    probe = _load("hold_map_probe")
+    target_changed = np.asarray([[[True, True], [False, False]]])  # [1, 2, 2]
+    hold_map = np.asarray([[[0.9, 0.7], [0.2, 0.6]]])
+    output_changed = np.asarray([[[True, False], [False, True]]])
+    held = np.asarray([[[False, False], [True, False]]])
+    summary = probe.summarize(probe.token_stats(target_changed, hold_map, output_changed, held))
+    assert summary["must_change_share"] == 0.5 and summary["held_share"] == 0.25
+    np.testing.assert_allclose(summary["map_on_must_change"], 0.8)
+    np.testing.assert_allclose(summary["map_on_must_keep"], 0.4)
+    assert summary["must_keep_changed_share"] == 0.5  # the must-keep token at (1, 1) was changed
+    assert np.isnan(probe.summarize(probe.token_stats(~target_changed | True, hold_map, output_changed, held))[
+        "map_on_must_keep"])  # fmt: skip

@@ -1,0 +1,110 @@
+"""Where region hold can help: per edit type, how many tokens an edit must change and what the hold map says there.
+
+  python benchmarks/hold_map_probe.py --checkpoint workdir/RUN --num 256 [--attention_source token_change
+      --filter none] [--out benchmarks/results/hold_map_probe_RUN.json]
+
+For each edit type of the held-out `test` split (the checkpoint's sampling settings, region hold at their lambda):
+the share of tokens that differ between the source and target tokens ("must change"), the mean hold map on the
+tokens that must change and on those that must not, the share of must-not-change tokens the edit changes anyway, and
+the share of tokens held. Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+
+def token_stats(target_changed: np.ndarray, hold_map: np.ndarray, output_changed: np.ndarray,
+                held: np.ndarray) -> dict[str, float]:  # fmt: skip
+    """Sums over one batch of examples of one edit type.
+
+    Args:
+      target_changed: `[N, h, w]` bool, target token != source token.
+      hold_map: `[N, h, w]` the region-hold map in [0, 1].
+      output_changed: `[N, h, w]` bool, output token != source token.
+      held: `[N, h, w]` bool, tokens region hold reverted.
+
+    Returns:
+      Token counts and sums: 'tokens', 'must_change', 'map_on_change', 'map_on_keep', 'broken_keep', 'held'.
+    """
+    keep = ~target_changed
+    return {
+        "tokens": float(target_changed.size),
+        "must_change": float(target_changed.sum()),
+        "map_on_change": float(hold_map[target_changed].sum()),
+        "map_on_keep": float(hold_map[keep].sum()),
+        "broken_keep": float((output_changed & keep).sum()),
+        "held": float(held.sum()),
+    }
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Shares and means from summed `token_stats` (NaN where a denominator is 0)."""
+    must, keep = sums["must_change"], sums["tokens"] - sums["must_change"]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "must_change_share": ratio(must, sums["tokens"]),
+        "map_on_must_change": ratio(sums["map_on_change"], must),
+        "map_on_must_keep": ratio(sums["map_on_keep"], keep),
+        "must_keep_changed_share": ratio(sums["broken_keep"], keep),
+        "held_share": ratio(sums["held"], sums["tokens"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--num", type=int, default=256)
+    parser.add_argument("--attention_source", default=None, choices=("joint", "text_cross", "token_change"))
+    parser.add_argument("--filter", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from editing_jax import inference
+    from editing_jax.methods import editmgt
+
+    editor = inference.load_editor(args.checkpoint)
+    settings = editor.settings(attention_source=args.attention_source, filter=args.filter)
+    edit_fn = editor.edit_fn(settings)
+    per_type: dict[str, dict[str, float]] = {}
+    for index, raw in enumerate(inference.world_split_batches(editor, "test", args.num)):
+        batch = editor.model.prepare_batch(raw)
+        out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index)
+        target = np.asarray(editor.model.encode_images(editor.model_state, batch["target_image"]))  # [B, h, w]
+        target_changed = target != out["source_tokens"]
+        output_changed = out["tokens"] != out["source_tokens"]
+        types = np.asarray([str(t) for t in batch["edit_type"]])
+        for edit_type in sorted(set(types.tolist())):
+            rows = types == edit_type
+            stats = token_stats(target_changed[rows], out["attention"][rows], output_changed[rows], out["held"][rows])
+            totals = per_type.setdefault(edit_type, dict.fromkeys(stats, 0.0))
+            for key, value in stats.items():
+                totals[key] += value
+    report = {
+        "command": " ".join(
+            ["python benchmarks/hold_map_probe.py", f"--checkpoint {args.checkpoint}", f"--num {args.num}"]
+            + [f"--{k} {getattr(args, k)}" for k in ("attention_source", "filter") if getattr(args, k)]
+        ),
+        "attention_source": settings.attention_source,
+        "region_hold_threshold": settings.region_hold_threshold,
+        "per_edit_type": {edit_type: summarize(sums) for edit_type, sums in per_type.items()},
+    }
+    out_path = pathlib.Path(args.out or f"benchmarks/results/hold_map_probe_{pathlib.Path(args.checkpoint).name}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print("| edit type | must change | map on must-change | map on must-keep | must-keep changed | held |")
+    print("|---|---|---|---|---|---|")
+    for edit_type, v in report["per_edit_type"].items():
+        print(f"| {edit_type} | {v['must_change_share']:.0%} | {v['map_on_must_change']:.2f} | "
+              f"{v['map_on_must_keep']:.2f} | {v['must_keep_changed_share']:.0%} | {v['held_share']:.0%} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
