@@ -380,21 +380,16 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             metrics["text_gate_loss"] = sum(loss for loss, _ in per_block) / len(gates)
             metrics["text_gate_accuracy"] = per_block[-1][1]
             if token_gate:  # the text score's full-resolution gate against the changed tokens themselves
-                token_logit = outputs[2]["text_token_gate_logit"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
-                bce = optax.sigmoid_binary_cross_entropy(token_logit, changed_tokens.astype(jnp.float32))  # [B, L]
-                count = jnp.maximum(jnp.sum(rows) * bce.shape[1], 1.0)  # as in text_gate_bce
-                metrics["text_token_gate_loss"] = jnp.sum(bce * rows[:, None]) / count
+                token_logit = outputs[2]["text_token_gate_logit"].reshape(batch_size, -1)  # [B, L]
+                metrics["text_token_gate_loss"], _ = changed_token_bce(token_logit, changed_tokens, rows)
                 metrics["text_gate_loss"] = metrics["text_gate_loss"] + metrics["text_token_gate_loss"]
             total = total + text_gate_weight * metrics["text_gate_loss"]
         if token_change_weight > 0:
-            change_logit = outputs[2]["token_change_logit"].reshape(batch_size, -1).astype(jnp.float32)  # [B, L]
-            changed_f = changed_tokens.astype(jnp.float32)  # [B, L]
-            bce = optax.sigmoid_binary_cross_entropy(change_logit, changed_f)  # [B, L]
-            rows = (~drop).astype(jnp.float32)[:, None]  # [B, 1]: rows whose text was dropped cannot know the change
-            count = jnp.maximum(jnp.sum(rows) * bce.shape[1], 1.0)
-            metrics["token_change_loss"] = jnp.sum(bce * rows) / count
-            agree = ((change_logit > 0).astype(jnp.float32) == changed_f).astype(jnp.float32)
-            metrics["token_change_accuracy"] = jnp.sum(agree * rows) / count
+            change_logit = outputs[2]["token_change_logit"].reshape(batch_size, -1)  # [B, L]
+            text_rows = (~drop).astype(jnp.float32)  # [B]: rows whose text was dropped cannot know the change
+            metrics["token_change_loss"], metrics["token_change_accuracy"] = changed_token_bce(
+                change_logit, changed_tokens, text_rows
+            )
             total = total + token_change_weight * metrics["token_change_loss"]
         if caption_change_weight > 0:
             predicted = model.caption_change_head.apply({"params": params["caption_change_head"]}, pooled)  # [B, V]
@@ -451,6 +446,17 @@ def text_gate_bce(gate: jax.Array, cells: jax.Array, rows: jax.Array) -> tuple[j
     bce = -(cells * jnp.log(gate) + (1 - cells) * jnp.log1p(-gate))  # [B, g]
     count = jnp.maximum(jnp.sum(rows) * cells.shape[1], 1.0)
     agree = ((gate > 0.5) == (cells > 0.5)).astype(jnp.float32)
+    return jnp.sum(bce * rows[:, None]) / count, jnp.sum(agree * rows[:, None]) / count
+
+
+def changed_token_bce(logit: jax.Array, changed: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sigmoid binary cross-entropy of per-token logits `[B, L]` against changed tokens `[B, L]` (bool) over the rows
+    `[B]` (0/1) that kept their text; returns (mean loss, mean agreement of logit > 0 with the change), as
+    `text_gate_bce` does for the grid-cell gates."""
+    logit, changed = logit.astype(jnp.float32), changed.astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(logit, changed)  # [B, L]
+    count = jnp.maximum(jnp.sum(rows) * bce.shape[1], 1.0)
+    agree = ((logit > 0).astype(jnp.float32) == changed).astype(jnp.float32)
     return jnp.sum(bce * rows[:, None]) / count, jnp.sum(agree * rows[:, None]) / count
 
 

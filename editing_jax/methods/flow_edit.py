@@ -318,8 +318,9 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         per_token = jnp.mean(jnp.square(predicted - velocity_target(x0, noise)), axis=2)  # [B, L]
         per_example = jnp.mean(per_token, axis=1)  # [B]
         total = jnp.mean(per_example)
+        edited = _edited_cells(batch, model.token_grid) if gates or edit_weight != 1.0 else None  # [B, g]
         if edit_weight != 1.0:
-            weights = 1.0 + (edit_weight - 1.0) * _edited_cells(batch, model.token_grid)  # [B, L]
+            weights = 1.0 + (edit_weight - 1.0) * edited  # [B, L]
             total = jnp.sum(per_token * weights) / jnp.sum(weights)
         low = (t < 0.5).astype(jnp.float32)  # [B]
         metrics = {
@@ -328,8 +329,7 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
             "loss_high_t": jnp.sum(per_example * (1 - low)) / jnp.maximum(jnp.sum(1 - low), 1.0),
         }
         if gates:
-            cells = _edited_cells(batch, model.token_grid)  # [B, g]
-            cells = jnp.concatenate([cells, cells], axis=1)  # [B, 2g]: reference tokens share the target's cells
+            cells = jnp.concatenate([edited, edited], axis=1)  # [B, 2g]: reference tokens share the target's cells
             rows = jnp.any(mask, axis=1).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
             # (loss, agreement) per block
             per_block = [editmgt.text_gate_bce(variables["intermediates"][name]["text_gate"][0], cells, rows)
