@@ -139,6 +139,15 @@ def test_mask_tokens_follows_the_rate():
     assert abs(float(np.mean(fraction)) - 2 / np.pi) < 0.05
 
 
+def test_min_mask_rate_one_masks_every_token():
+    tokens = jnp.arange(64, dtype=jnp.int32).reshape(1, 64).repeat(32, axis=0) % 16
+    inputs, masked, fraction = editmgt._mask_tokens(jax.random.key(0), tokens, 16, min_mask_rate=1.0)
+    assert np.all(np.asarray(masked)) and np.all(np.asarray(inputs) == 16)
+    np.testing.assert_array_equal(np.asarray(fraction), 1.0)
+    _, half, _ = editmgt._mask_tokens(jax.random.key(0), tokens, 16, min_mask_rate=0.5)
+    assert np.asarray(half).mean(-1).min() >= 0.5
+
+
 def test_focused_rows_mask_every_changed_token():
     tokens = jnp.arange(64, dtype=jnp.int32).reshape(1, 64).repeat(256, axis=0) % 16  # [256, 64]
     changed = jax.random.uniform(jax.random.key(1), tokens.shape) < 0.2  # [256, 64]

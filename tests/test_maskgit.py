@@ -164,6 +164,19 @@ def test_sample_mask_rate_matches_arccos_distribution():
     np.testing.assert_allclose(np.mean(r >= 0.9), 1 - 2 / np.pi * np.arcsin(0.9), atol=0.015)
 
 
+def test_sample_mask_rate_truncated_to_min_rate():
+    low = 0.5
+    r = np.asarray(maskgit.sample_mask_rate(jax.random.PRNGKey(1), (20000,), min_rate=low))
+    assert r.min() >= low and r.max() <= 1.0
+    f_low = 2.0 / np.pi * np.arcsin(low)
+    truncated_cdf = lambda x: (2.0 / np.pi * np.arcsin(np.clip(x, low, 1.0)) - f_low) / (1.0 - f_low)  # noqa: E731
+    assert stats.kstest(r, truncated_cdf).pvalue > 1e-3
+    ones = np.asarray(maskgit.sample_mask_rate(jax.random.PRNGKey(2), (64,), min_rate=1.0))
+    np.testing.assert_array_equal(ones, 1.0)
+    with pytest.raises(ValueError, match="min_rate"):
+        maskgit.sample_mask_rate(jax.random.PRNGKey(0), (4,), min_rate=1.5)
+
+
 def test_sample_categorical_matches_the_tempered_softmax():
     from editing_jax.sampling.maskgit import sample_categorical
 

@@ -222,16 +222,18 @@ def _mask_tokens(
     mask_token_id: int,
     changed: jax.Array | None = None,
     focus_prob: float = 0.0,
+    min_mask_rate: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Masks each row at an arccos-distributed rate; returns (inputs, masked [B, L] bool, fraction masked [B]).
 
     With `changed` `[B, L]` (target tokens that differ from the source) and `focus_prob` > 0, a row is drawn with
     probability `focus_prob` as a *focused* row: all its changed tokens are masked on top of the random ones, the
     state a sampler that reveals its confident copies of unchanged tokens first is in when it reaches the edit.
+    `min_mask_rate` truncates the rate's density to [min_mask_rate, 1] (`maskgit.sample_mask_rate`).
     """
     batch, length = tokens.shape
     rate_rng, order_rng = jax.random.split(rng)
-    rate = maskgit.sample_mask_rate(rate_rng, (batch,))  # [B]
+    rate = maskgit.sample_mask_rate(rate_rng, (batch,), min_mask_rate)  # [B]
     num_masked = jnp.clip(jnp.ceil(rate * length), 1, length).astype(jnp.int32)  # [B]
     ranks = jnp.argsort(jnp.argsort(jax.random.uniform(order_rng, (batch, length)), axis=-1), axis=-1)  # [B, L]
     masked = ranks < num_masked[:, None]
@@ -247,6 +249,7 @@ def _empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 1.0, focus_prob: float = 0.0,
+              min_mask_rate: float = 0.0,
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
               code_smoothing: float = 0.0, pixel_weight: float = 0.0,
               caption_change_weight: float = 0.0, changed_row_balance: bool = False,
@@ -256,7 +259,9 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
     stage only); 1.0 is the paper's plain average. Copying dominates the plain loss (most tokens are unchanged), so
     a weight > 1 makes short CPU schedules learn the edits sooner. `focus_prob` is the share of rows whose changed
-    tokens are all masked (`_mask_tokens`; edit stage only). `grounding_weight` > 0 adds a dense "which tokens does
+    tokens are all masked (`_mask_tokens`; edit stage only). `min_mask_rate` > 0 draws the masking rate from the
+    arccos density truncated to [min_mask_rate, 1]: 1 trains only the all-masked state the one-step editor decodes
+    from (not in EditMGT). `grounding_weight` > 0 adds a dense "which tokens does
     the instruction change" loss: binary cross-entropy of the source-copy score (its sigmoid read as P(target
     token = source token)) on masked tokens, so the model is told per token whether the named object is there
     (needs `model.source_copy`; edit stage only; not in EditMGT). `content_weight` > 0 adds the squared error of
@@ -314,7 +319,12 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         labels = target.reshape(batch_size, -1)  # [B, L]
         changed_tokens = None if cond is None else labels != cond.reshape(batch_size, -1)  # [B, L]
         inputs, masked, fraction = _mask_tokens(
-            mask_rng, labels, model.mgt.mask_token_id, changed=changed_tokens, focus_prob=focus_prob
+            mask_rng,
+            labels,
+            model.mgt.mask_token_id,
+            changed=changed_tokens,
+            focus_prob=focus_prob,
+            min_mask_rate=min_mask_rate,
         )
         drop = jax.random.uniform(drop_rng, (batch_size,)) < cfg_dropout  # [B]
         ids = jnp.where(drop[:, None], 0, batch["text_ids"])

@@ -90,6 +90,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     )
     # edit_weight: CE weight of masked tokens that differ from the source (1 = the paper's plain average).
     # focus_prob: share of rows whose changed tokens are all masked (methods/editmgt.py `_mask_tokens`).
+    # min_mask_rate: the masking rate's arccos density is truncated to [min_mask_rate, 1] (1: always all masked).
     # grounding_weight: weight of the per-token "does the instruction change this token" loss on the copy score.
     # content_weight: weight of the squared error of a regression of the target code vectors (> 0 adds the MGT's
     # content_head; needs model.code_content).
@@ -107,6 +108,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "cfg_dropout": 0.1,
             "edit_weight": 1.0 if stage == "t2i" else 3.0,
             "focus_prob": 0.0,
+            "min_mask_rate": 0.0,
             "grounding_weight": 0.0,
             "content_weight": 0.0,
             "text_gate_weight": 1.0 if edit else 0.0,

@@ -15,6 +15,7 @@ Per step s (of S):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,14 +35,18 @@ def mask_ratio_cosine(step: jax.Array | int, num_steps: int) -> jax.Array:
     return jnp.cos(0.5 * jnp.pi * progress)
 
 
-def sample_mask_rate(rng: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
-    """Draws training masking rates r on [0, 1] from the truncated arccos density p(r) = (2/pi) (1 - r^2)^(-1/2).
+def sample_mask_rate(rng: jax.Array, shape: tuple[int, ...] = (), min_rate: float = 0.0) -> jax.Array:
+    """Draws training masking rates r on [min_rate, 1] from the truncated arccos density p(r) ~ (1 - r^2)^(-1/2).
 
-    The CDF is F(r) = (2/pi) arcsin(r), so inverse-CDF sampling gives r = sin(pi/2 * u) with u ~ U[0, 1). This is
-    the same distribution as MaskGIT's r = cos(pi/2 * u), since 1 - u is also uniform.
+    The CDF on [0, 1] is F(r) = (2/pi) arcsin(r), so inverse-CDF sampling gives r = sin(pi/2 * u) with u ~ U[0, 1).
+    This is the same distribution as MaskGIT's r = cos(pi/2 * u), since 1 - u is also uniform. `min_rate` > 0
+    truncates the density further: u ~ U[F(min_rate), 1); `min_rate` = 1 masks every token.
     """
-    u = jax.random.uniform(rng, shape, jnp.float32)
-    return jnp.sin(0.5 * jnp.pi * u)
+    if not 0.0 <= min_rate <= 1.0:
+        raise ValueError(f"min_rate must be in [0, 1], got {min_rate}")
+    low = 2.0 / math.pi * math.asin(min_rate)
+    u = jax.random.uniform(rng, shape, jnp.float32, minval=low, maxval=1.0)
+    return jnp.maximum(jnp.sin(0.5 * jnp.pi * u), min_rate)
 
 
 @flax.struct.dataclass
