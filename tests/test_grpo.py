@@ -23,6 +23,17 @@ def test_batch_and_group_advantages_match_numpy():
     assert np.abs(np.asarray(grpo.compute_advantages(jnp.asarray(rewards), "batch", clip=0.5))).max() <= 0.5
 
 
+def test_success_bonus_ranks_a_success_above_more_partial_credit():
+    scores = jnp.asarray([[9.0, 1.0], [11.0, 0.0], [3.0, 0.0]], jnp.float32)  # (reward, success)
+    np.testing.assert_array_equal(np.asarray(grpo.advantage_rewards(scores, 0.0)), [9.0, 11.0, 3.0])
+    shaped = np.asarray(grpo.advantage_rewards(scores, 5.0))
+    np.testing.assert_array_equal(shaped, [14.0, 11.0, 3.0])
+    advantages = np.asarray(grpo.compute_advantages(jnp.asarray(shaped)[None], "batch"))[0]
+    assert advantages[0] > advantages[1] > advantages[2]
+    with pytest.raises(ValueError, match="success_bonus"):
+        grpo.GRPOSettings(success_bonus=-1.0)
+
+
 @pytest.mark.parametrize("surrogate", ["ppo", "dense"])
 def test_surrogates_clip_the_gradient_only_beyond_the_trust_region(surrogate):
     fn = grpo.ppo_surrogate if surrogate == "ppo" else grpo.dense_surrogate

@@ -46,6 +46,8 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             "advantage_clip": 5.0,
             "kl_beta": 0.01,
             "remat": True,
+            # Added to the reward of a verifier success before the advantages (0 = CogniEdit's reward only).
+            "success_bonus": 0.0,
         }
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
