@@ -8,7 +8,7 @@ Each train step is on-policy and self-contained:
      consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays.
   3. Advantages over the whole batch: A = clip((R - mean) / (std + eps), -c, c) with mean and std over all B x G
      rewards (CogniEdit's batch-level statistics, vs Flow-GRPO's per-prompt groups: `advantage='group'`);
-     `success_bonus` adds a bonus to the rewards of verifier successes before (`advantage_rewards`).
+     with `success_bonus` > 0, verifier successes get that bonus before the standardization (`advantage_rewards`).
   4. Policy loss on the window, averaged over the B x G samples:
      * 'grpo' (Flow-GRPO): teacher-forced per-step ratios rho_i = p_theta(x_{i+1} | x_i) / p_old(...) with the PPO
        clip, loss = mean_i max(-A rho_i, -A clip(rho_i, 1 - eps, 1 + eps));
