@@ -275,8 +275,9 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
         shape = jax.ShapeDtypeStruct((count, 2), jnp.float32)
         scores = jax.pure_callback(reward_fn, shape, source, edited, repeat(batch["source_scene_bytes"]),
                                    repeat(batch["target_scene_bytes"]), repeat(batch["edit_mask"]))  # fmt: skip
-        rewards = jax.lax.stop_gradient(scores[:, 0])  # [N]
-        shaped = jax.lax.stop_gradient(advantage_rewards(scores, settings.success_bonus))  # [N]
+        scores = jax.lax.stop_gradient(scores)  # [N, 2]: (reward, success)
+        rewards = scores[:, 0]  # [N]
+        shaped = advantage_rewards(scores, settings.success_bonus)  # [N]
         advantages = compute_advantages(shaped.reshape(-1, group), settings.advantage, settings.advantage_clip)
         advantages = advantages.reshape(-1)  # [N]
 
