@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--editmgt_steps",
         type=int,
         default=None,
-        help="EditMGT training steps (default 1,200, the 15-minute budget; 1,800 gains ~3 points in 21 minutes)",
+        help="EditMGT training steps (default 2,800, the 15-minute budget)",
     )
     quick.set_defaults(handler=_cmd_quickstart)
     return parser

@@ -53,10 +53,16 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # t2i reads whole target captions; a 24-word limit cut 3- and 4-object captions after the second object.
     config.text = text_config(tiny, CAPTION_MAX_LENGTH if stage == "t2i" else INSTRUCTION_MAX_LENGTH)
     heads, head_dim = (2, 16) if tiny else (4, 32)
+    num_layers = num_single_layers = 1 if tiny else 2
+    if quick and not tiny:
+        # The 15-minute budget buys more from steps than from width and depth: one double and one single block of
+        # width 64 train 2.6x as many steps as the 5,000-step model's 2 + 2 blocks of width 128 in the same time
+        # (docs/RESULTS.md, EditMGT: "A smaller model, more steps").
+        heads, num_layers, num_single_layers = 2, 1, 1
     config.model = ml_collections.ConfigDict(
         {
-            "num_layers": 1 if tiny else 2,
-            "num_single_layers": 1 if tiny else 2,
+            "num_layers": num_layers,
+            "num_single_layers": num_single_layers,
             "num_heads": heads,
             "head_dim": head_dim,
             "embed_dim": 32 if tiny else 64,
@@ -133,7 +139,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             # The text cross-attention's gate is a probability (trained by loss.text_gate_weight), so it is read
             # as is ('none' scaling) and held below 0.5; joint attention maps (t2i, older runs) are rescaled.
             "region_hold_threshold": 0.5 if edit else 0.3,
-            "attention_layers": (0, 2 if tiny else 4),
+            "attention_layers": (0, num_layers + num_single_layers),
             "text_positions": "all",
             "filter": "gaussian",
             "filter_sigma": 1.0,
@@ -150,9 +156,9 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     config.data = defaults.world_data_config(size, batch_size=4 if tiny else 16, num_eval_examples=8 if tiny else 256)
     config.optimizer = defaults.optimizer_config(learning_rate=2e-3, warmup_steps=5 if tiny else 100,
                                                  weight_decay=0.01)  # fmt: skip
-    # quick: the quickstart's schedule, sized to its 15-minute budget on 2 CPU cores (1,800 steps until the eleventh
-    # session; docs/RESULTS.md, EditMGT: Quickstart).
-    num_steps = 10 if tiny else (1200 if quick else 5000)
+    # quick: the quickstart's schedule, sized to its 15-minute budget on 2 CPU cores (1,800 steps of the larger model
+    # until the eleventh session, 1,200 until the fourteenth; docs/RESULTS.md, EditMGT: Quickstart).
+    num_steps = 10 if tiny else (2800 if quick else 5000)
     config.train = defaults.train_config(
         num_steps=num_steps,
         log_every=5 if tiny else 50,
