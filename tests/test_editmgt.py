@@ -928,3 +928,15 @@ def test_logits_return_a_submodule_value_by_path():
     with pytest.raises(ValueError, match="text_cross_attention"):
         model.logits(params, tokens, text, jnp.ones((2,)), source, model_state=state,
                      sown=("text_cross_blocks_1/text_gate",))  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["t2i", "edit"])
+@pytest.mark.parametrize("arg", ["size=32", "size=64", "size=32,quick", "size=32,tiny"])
+def test_every_editmgt_variant_maps_attention_layers_inside_its_blocks(stage, arg):
+    config = config_lib.load_config(f"configs/editmgt/{stage}.py:{arg}")
+    num_blocks = config.model.num_layers + config.model.num_single_layers
+    start, stop = config.sampling.attention_layers
+    assert 0 <= start < stop <= num_blocks
+    assert sum(config.model.axes_dims_rope) == config.model.head_dim
+    if arg == "size=32,quick":  # The quickstart's smaller model (docs/RESULTS.md, "A smaller model, more steps").
+        assert (config.model.num_layers, config.model.num_single_layers, config.model.num_heads) == (1, 1, 2)
