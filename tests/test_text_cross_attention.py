@@ -202,3 +202,35 @@ def test_text_gate_copy_scales_the_copy_score_by_one_minus_the_gate():
     # Without text the gate is exactly 0 and nothing changes.
     no_text = jnp.zeros_like(args[2])
     np.testing.assert_array_equal(sown(gated, no_text)[0], sown(plain, no_text)[0])
+
+
+def test_absolute_positions_start_neutral_learn_from_zero_and_then_place_tokens():
+    kwargs = dict(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8, embed_dim=8,
+                  axes_dims_rope=(2, 2, 4), downsample=True)  # fmt: skip
+    plain = MaskedGenerativeTransformer(**kwargs)
+    placed = MaskedGenerativeTransformer(absolute_positions=True, **kwargs)
+    args, cond = _mgt_inputs()
+    params = nn.meta.unbox(placed.init(jax.random.key(0), *args, cond_tokens=cond)["params"])
+    without = {name: value for name, value in params.items() if name != "position_embed"}
+    assert set(nn.meta.unbox(plain.init(jax.random.key(0), *args, cond_tokens=cond)["params"])) == set(without)
+    np.testing.assert_array_equal(
+        np.asarray(placed.apply({"params": params}, *args, cond_tokens=cond)),
+        np.asarray(plain.apply({"params": without}, *args, cond_tokens=cond)),
+    )
+
+    def loss(kernel):
+        tree = {**params, "position_embed": {"kernel": kernel}}
+        return jnp.sum(placed.apply({"params": tree}, *args, cond_tokens=cond) ** 2)
+
+    kernel = params["position_embed"]["kernel"]
+    assert float(jnp.abs(jax.grad(loss)(kernel)).max()) > 0  # a zero start still gets a gradient
+    # A uniform source and target: with a trained position projection the logits at two grid cells differ more.
+    uniform = jnp.full_like(args[0], 3)
+    uniform_args = (uniform, *args[1:])
+    trained = {**params, "position_embed": {"kernel": jax.random.normal(jax.random.key(1), kernel.shape)}}
+
+    def spread(tree):
+        logits = placed.apply({"params": tree}, *uniform_args, cond_tokens=uniform)  # [B, h, w, V]
+        return float(jnp.abs(logits - logits[:, :1, :1]).max())
+
+    assert spread(trained) > spread(params) + 1e-3

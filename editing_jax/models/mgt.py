@@ -35,6 +35,7 @@ from editing_jax.nn.transformer import (
     SingleStreamBlock,
     TextCrossAttention,
     block_scope_name,
+    grid_position_features,
     stack_captured_attention,
 )
 
@@ -129,6 +130,10 @@ class MaskedGenerativeTransformer(nn.Module):
         2x-downsampled grid, where every cell of a background edit holds an edited pixel. Not in EditMGT.
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
+      absolute_positions: image tokens (target and condition alike) get a learned projection of their grid position's
+        sinusoidal features, zero at init, in the hidden stream. Not in EditMGT: RoPE is relative, so a token has no
+        place of its own to match "in the top left" against or to know where inside a cell it sits, which adding or
+        moving an object needs.
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
@@ -153,6 +158,7 @@ class MaskedGenerativeTransformer(nn.Module):
     content_head: bool = False
     text_cross_attention: bool = False
     text_cross_positions: bool = False
+    absolute_positions: bool = False
     text_gate_copy: bool = False
     text_code_score: bool = False
     text_code_token_gate: bool = False
@@ -243,6 +249,9 @@ class MaskedGenerativeTransformer(nn.Module):
             self.pixel_out = Dense(self.pixel_channels + 1, (None, None), **kwargs)  # color, gate logit
             self.pixel_log_scale = self.param("pixel_log_scale", nn.initializers.constant(PIXEL_LOG_SCALE_INIT), (),
                                               jnp.float32)  # fmt: skip
+        if self.absolute_positions:
+            self.position_embed = Dense(width, (None, "embed"), use_bias=False, kernel_init=nn.initializers.zeros_init(),
+                                        **kwargs)  # fmt: skip
         if self.source_skip:
             self.source_skip_proj = Dense(width, (None, "embed"), use_bias=False,
                                           kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
@@ -365,6 +374,11 @@ class MaskedGenerativeTransformer(nn.Module):
             cond_temb = self.time_text_embed(jnp.zeros((batch,), jnp.float32), pooled)  # [B, D]
             cond_len = cond_hidden.shape[1]
             ids.append(image_ids)
+        if self.absolute_positions:
+            position = self.position_embed(grid_position_features(image_ids)).astype(hidden.dtype)[None]  # [1, g, D]
+            hidden = hidden + position
+            if cond_hidden is not None:
+                cond_hidden = cond_hidden + position
         rope = rope_frequencies(np.concatenate(ids), self.axes_dims_rope, self.rope_theta)  # [L, Dh] each
 
         total = text_len + image_len + cond_len

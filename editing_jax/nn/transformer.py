@@ -48,7 +48,7 @@ Rope = tuple[jax.Array, jax.Array]
 
 # diffusers' Flux blocks use this epsilon for the adaLN LayerNorms and the qk RMSNorms.
 NORM_EPSILON = 1e-6
-# Sinusoidal features per position axis of `TextCrossAttention`'s queries.
+# Sinusoidal features per position axis (`grid_position_features`).
 POSITION_FEATURES = 16
 # Dense layers that get LoRA adapters by default: the attention projections of both streams.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -551,6 +551,15 @@ class SingleStreamBlock(_BlockFields):
         return hidden_out, context_out, cond_out
 
 
+def grid_position_features(positions: np.ndarray | jax.Array) -> jax.Array:
+    """Sinusoidal features of token position ids: `[L, n_axes]` -> `[L, n_axes * POSITION_FEATURES]` float32."""
+    from editing_jax.nn.embeddings import timestep_embedding  # embeddings imports this module's Dense
+
+    positions = jnp.asarray(positions, jnp.float32)
+    return jnp.concatenate([timestep_embedding(positions[:, axis], POSITION_FEATURES, max_period=100.0)
+                            for axis in range(positions.shape[1])], axis=-1)  # fmt: skip
+
+
 class TextCrossAttention(nn.Module):
     """Image tokens read the text through a softmax of their own, with a learned null key (not in Flux/EditMGT).
 
@@ -613,12 +622,7 @@ class TextCrossAttention(nn.Module):
 
         tokens = _layer_norm(hidden)  # [B, Li, D]
         if positions is not None:
-            from editing_jax.nn.embeddings import timestep_embedding  # embeddings imports this module's Dense
-
-            positions = jnp.asarray(positions, jnp.float32)  # [Li, n_axes]
-            features = jnp.concatenate(
-                [timestep_embedding(positions[:, axis], POSITION_FEATURES, max_period=100.0)
-                 for axis in range(positions.shape[1])], axis=-1)  # fmt: skip  # [Li, n_axes * F]
+            features = grid_position_features(positions)  # [Li, n_axes * F]
             tokens = tokens + Dense(dim, (None, "embed"), name="position_proj", **kwargs)(features)[None]
         query = Dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kwargs)(tokens)
         query = norm("norm_q")(query.reshape(batch, length, heads, head_dim))  # [B, Li, H, Dh]
