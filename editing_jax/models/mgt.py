@@ -133,7 +133,8 @@ class MaskedGenerativeTransformer(nn.Module):
       absolute_positions: image tokens (target and condition alike) get a learned projection of their grid position's
         sinusoidal features, zero at init, in the hidden stream. Not in EditMGT: RoPE is relative, so a token has no
         place of its own to match "in the top left" against or to know where inside a cell it sits, which adding or
-        moving an object needs.
+        moving an object needs. Measured on the quick config: within noise, adds still 0 (docs/RESULTS.md, EditMGT:
+        "Learning rate, token positions").
       rope_theta: RoPE base (Meissonic: 10000; small token grids discriminate neighbours better with a smaller base).
       mlp_ratio: MLP width / D.
       zero_init_modulation: adaLN-Zero initialization of the blocks.
