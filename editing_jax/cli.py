@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--editmgt_steps",
         type=int,
         default=None,
-        help="EditMGT training steps (default 2,800, the 15-minute budget)",
+        help="EditMGT training steps (default: train.num_steps of configs/editmgt/edit.py:size=32,quick, sized to the "
+        "15-minute budget)",
     )
     quick.set_defaults(handler=_cmd_quickstart)
     return parser
