@@ -61,7 +61,7 @@ def main() -> None:
     uniform_target = uniform_code[np.asarray(target)]  # [N, h, w]
 
     gates = (
-        [f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)]
+        [f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_text_cross_blocks)]
         if model.mgt.text_cross_attention
         else []
     )

@@ -234,3 +234,30 @@ def test_absolute_positions_start_neutral_learn_from_zero_and_then_place_tokens(
         return float(jnp.abs(logits - logits[:, :1, :1]).max())
 
     assert spread(trained) > spread(params) + 1e-3
+
+
+def test_text_cross_single_adds_a_gate_after_every_block_and_starts_as_the_double_only_model():
+    kwargs = dict(codebook_size=16, num_layers=1, num_single_layers=2, num_heads=2, head_dim=8, embed_dim=8,
+                  axes_dims_rope=(2, 2, 4), text_cross_attention=True)  # fmt: skip
+    double_only = MaskedGenerativeTransformer(**kwargs)
+    every = MaskedGenerativeTransformer(text_cross_single=True, **kwargs)
+    assert (double_only.num_text_cross_blocks, every.num_text_cross_blocks) == (1, 3)
+    args, cond = _mgt_inputs()
+    params = nn.meta.unbox(every.init(jax.random.key(0), *args, cond_tokens=cond)["params"])
+    assert {f"text_cross_blocks_{i}" for i in range(3)} <= set(params)
+    fewer = {
+        name: value for name, value in params.items() if name not in ("text_cross_blocks_1", "text_cross_blocks_2")
+    }
+    np.testing.assert_array_equal(  # fresh cross-attention outputs are zero
+        np.asarray(every.apply({"params": params}, *args, cond_tokens=cond)),
+        np.asarray(double_only.apply({"params": fewer}, *args, cond_tokens=cond)),
+    )
+    # The last single block's gate is sown and its update reaches the logits once trained.
+    _, state = every.apply({"params": params}, *args, cond_tokens=cond, mutable=["intermediates"])
+    assert state["intermediates"]["text_cross_blocks_2"]["text_gate"][0].shape == (2, 16)  # 4 x 4 tokens
+    params["text_cross_blocks_2"]["to_out"]["kernel"] = jnp.ones_like(params["text_cross_blocks_2"]["to_out"]["kernel"])
+    other_text = (args[0], args[1] + 1.0, *args[2:])
+    before = every.apply({"params": params}, *args, cond_tokens=cond)
+    assert float(jnp.abs(every.apply({"params": params}, *other_text, cond_tokens=cond) - before).max()) > 1e-3
+    with pytest.raises(ValueError, match="text_cross_single needs text_cross_attention"):
+        MaskedGenerativeTransformer(codebook_size=4, text_cross_single=True).init(jax.random.key(0), *args)

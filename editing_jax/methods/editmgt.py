@@ -304,7 +304,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         raise ValueError("loss.token_change_weight > 0 needs the edit stage and model.token_change_head")
     if caption_change_weight > 0 and not model.uses_condition:
         raise ValueError("loss.caption_change_weight > 0 needs the edit stage (source and target captions)")
-    gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_layers)) if text_gate_weight else ()
+    gates = tuple(f"text_cross_blocks_{i}/text_gate" for i in range(model.mgt.num_text_cross_blocks))
+    gates = gates if text_gate_weight else ()
     sown = (("copy_score",) if grounding_weight > 0 else ()) + (("content_prediction",) if content_weight > 0 else ())
     sown += (("pixel_prediction",) if pixel_weight > 0 else ()) + gates
     token_gate = text_gate_weight > 0 and model.mgt.text_code_token_gate
@@ -496,11 +497,12 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
     elif text_cross:
         if not model.mgt.text_cross_attention:
             raise ValueError("attention_source 'text_cross' needs a model with text_cross_attention")
-        # Text cross-attention follows each double-stream block: blocks start .. stop - 1 that have one.
-        sown = tuple(f"text_cross_blocks_{i}/text_probs" for i in range(start, min(stop, model.mgt.num_layers)))
+        # Text cross-attention block i follows transformer block i: blocks start .. stop - 1 that have one.
+        crossed = model.mgt.num_text_cross_blocks
+        sown = tuple(f"text_cross_blocks_{i}/text_probs" for i in range(start, min(stop, crossed)))
         if not sown:
             raise ValueError(f"attention_layers {settings.attention_layers} has no text cross-attention block "
-                             f"(blocks 0..{model.mgt.num_layers - 1})")  # fmt: skip
+                             f"(blocks 0..{crossed - 1})")  # fmt: skip
         capture = ()
     else:
         sown = ()

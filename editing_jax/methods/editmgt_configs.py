@@ -85,6 +85,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             # Editing reads the text per token as well (+4.7 points held-out at 5,000 steps with the gate loss,
             # docs/RESULTS.md, EditMGT: "Where the text is read").
             "text_cross_attention": edit,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_attention
+            "text_cross_single": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_single
             "text_cross_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_positions
             "absolute_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.absolute_positions
             "text_gate_copy": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_gate_copy

@@ -128,6 +128,10 @@ class MaskedGenerativeTransformer(nn.Module):
         resolution, sown as 'token_change_logit' and trained against the changed tokens by `loss.token_change_weight`.
         Region hold can read it (`sampling.attention_source='token_change'`): the cross-attention gate lives on the
         2x-downsampled grid, where every cell of a background edit holds an edited pixel. Not in EditMGT.
+      text_cross_single: text cross-attention also follows every single-stream block (default: the double-stream
+        blocks only). Not in EditMGT: finding "the red circle" among a red square and a blue circle needs each token
+        to know its object's color *and* kind, which one block of joint attention before the only gate of the
+        quick model (one double-stream block) may not compute; a later gate reads tokens after every block.
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       absolute_positions: image tokens (target and condition alike) get a learned projection of their grid position's
@@ -158,6 +162,7 @@ class MaskedGenerativeTransformer(nn.Module):
     code_content_dim: int = 0
     content_head: bool = False
     text_cross_attention: bool = False
+    text_cross_single: bool = False
     text_cross_positions: bool = False
     absolute_positions: bool = False
     text_gate_copy: bool = False
@@ -212,9 +217,11 @@ class MaskedGenerativeTransformer(nn.Module):
             raise ValueError("text_code_token_gate needs text_code_score")
         if self.text_cross_attention and self.num_layers < 1:
             raise ValueError("text_cross_attention follows the double-stream blocks: it needs num_layers >= 1")
+        if self.text_cross_single and not self.text_cross_attention:
+            raise ValueError("text_cross_single needs text_cross_attention")
         if self.text_cross_attention:
             self.text_cross_blocks = [TextCrossAttention(self.num_heads, self.head_dim, **kwargs)
-                                      for _ in range(self.num_layers)]  # fmt: skip
+                                      for _ in range(self.num_text_cross_blocks)]  # fmt: skip
         self.single_transformer_blocks = [SingleStreamBlock(**block_kwargs) for _ in range(self.num_single_layers)]
         self.mlm_layer = uvit.ConvMlmLayer(self.embed_dim, self.codebook_size, **kwargs)
         if self.source_concat:
@@ -402,7 +409,7 @@ class MaskedGenerativeTransformer(nn.Module):
                 attention_bias=bias,
                 capture_attention=layer in capture_layers,
             )
-            if self.text_cross_attention and layer < self.num_layers:
+            if self.text_cross_attention and layer < self.num_text_cross_blocks:
                 positions = image_ids if self.text_cross_positions else None
                 update, gate = self.text_cross_blocks[layer](hidden, context, text_mask, pooled, positions)
                 hidden = hidden + update
@@ -459,6 +466,13 @@ class MaskedGenerativeTransformer(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.num_layers + self.num_single_layers
+
+    @property
+    def num_text_cross_blocks(self) -> int:
+        """Text cross-attention block i follows transformer block i (0 without `text_cross_attention`)."""
+        if not self.text_cross_attention:
+            return 0
+        return self.num_blocks if self.text_cross_single else self.num_layers
 
     def block_name(self, layer: int) -> str:
         return block_scope_name(layer, self.num_layers)
