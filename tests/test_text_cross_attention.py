@@ -259,5 +259,34 @@ def test_text_cross_single_adds_a_gate_after_every_block_and_starts_as_the_doubl
     other_text = (args[0], args[1] + 1.0, *args[2:])
     before = every.apply({"params": params}, *args, cond_tokens=cond)
     assert float(jnp.abs(every.apply({"params": params}, *other_text, cond_tokens=cond) - before).max()) > 1e-3
-    with pytest.raises(ValueError, match="text_cross_single needs text_cross_attention"):
+    with pytest.raises(ValueError, match="text_cross_single and text_cross_source need"):
         MaskedGenerativeTransformer(codebook_size=4, text_cross_single=True).init(jax.random.key(0), *args)
+
+
+def test_text_cross_source_reads_the_text_from_the_condition_tokens_and_gamma_zero_drops_them():
+    kwargs = dict(codebook_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=8, embed_dim=8,
+                  axes_dims_rope=(2, 2, 4), text_cross_attention=True, zero_init_modulation=False)  # fmt: skip
+    target_read, source_read = (
+        MaskedGenerativeTransformer(**kwargs),
+        MaskedGenerativeTransformer(text_cross_source=True, **kwargs),
+    )
+    args, cond = _mgt_inputs()
+    params = nn.meta.unbox(source_read.init(jax.random.key(0), *args, cond_tokens=cond)["params"])
+    params["text_cross_blocks_0"]["to_out"]["kernel"] = jnp.full_like(
+        params["text_cross_blocks_0"]["to_out"]["kernel"], 0.3
+    )
+
+    def gate(model, tokens, **kw):
+        _, state = model.apply({"params": params}, tokens, *args[1:], cond_tokens=cond, mutable=["intermediates"], **kw)
+        return np.asarray(state["intermediates"]["text_cross_blocks_0"]["text_gate"][0])
+
+    # The gate of a source-reading model does not depend on which target tokens are masked; a target-reading one's does.
+    masked = jnp.full_like(args[0], 16)
+    np.testing.assert_allclose(gate(source_read, args[0]), gate(source_read, masked), atol=1e-6)
+    assert np.abs(gate(target_read, args[0]) - gate(target_read, masked)).max() > 1e-3
+    # gamma = 0 still removes the source: the logits do not depend on the condition tokens.
+    other_cond = (cond + 5) % 16
+    logits = [source_read.apply({"params": params}, *args, cond_tokens=c, gamma=0.0) for c in (cond, other_cond)]
+    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(logits[1]), atol=1e-5)
+    assert float(jnp.abs(source_read.apply({"params": params}, *args, cond_tokens=other_cond) - source_read.apply(
+        {"params": params}, *args, cond_tokens=cond)).max()) > 1e-3  # fmt: skip

@@ -86,6 +86,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             # docs/RESULTS.md, EditMGT: "Where the text is read").
             "text_cross_attention": edit,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_attention
             "text_cross_single": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_single
+            "text_cross_source": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_source
             "text_cross_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_positions
             "absolute_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.absolute_positions
             "text_gate_copy": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_gate_copy

@@ -132,6 +132,12 @@ class MaskedGenerativeTransformer(nn.Module):
         blocks only). Not in EditMGT: finding "the red circle" among a red square and a blue circle needs each token
         to know its object's color *and* kind, which one block of joint attention before the only gate of the
         quick model (one double-stream block) may not compute; a later gate reads tokens after every block.
+      text_cross_source: the text cross-attention reads the text from the *condition* tokens at the same grid
+        position (interpolated towards the target tokens as gamma goes below 1, so gamma = 0 still removes the
+        source), and its update goes to both streams. Which tokens an instruction is about is a property of the
+        source image and the text; read from partly masked target tokens, the supervised gate learns "this visible
+        target token differs from the source" during training, which the one-step editor (every target token masked)
+        never has. Not in EditMGT.
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       absolute_positions: image tokens (target and condition alike) get a learned projection of their grid position's
@@ -163,6 +169,7 @@ class MaskedGenerativeTransformer(nn.Module):
     content_head: bool = False
     text_cross_attention: bool = False
     text_cross_single: bool = False
+    text_cross_source: bool = False
     text_cross_positions: bool = False
     absolute_positions: bool = False
     text_gate_copy: bool = False
@@ -217,8 +224,8 @@ class MaskedGenerativeTransformer(nn.Module):
             raise ValueError("text_code_token_gate needs text_code_score")
         if self.text_cross_attention and self.num_layers < 1:
             raise ValueError("text_cross_attention follows the double-stream blocks: it needs num_layers >= 1")
-        if self.text_cross_single and not self.text_cross_attention:
-            raise ValueError("text_cross_single needs text_cross_attention")
+        if (self.text_cross_single or self.text_cross_source) and not self.text_cross_attention:
+            raise ValueError("text_cross_single and text_cross_source need text_cross_attention")
         if self.text_cross_attention:
             self.text_cross_blocks = [TextCrossAttention(self.num_heads, self.head_dim, **kwargs)
                                       for _ in range(self.num_text_cross_blocks)]  # fmt: skip
@@ -394,6 +401,8 @@ class MaskedGenerativeTransformer(nn.Module):
         bias = jnp.where(key_mask, 0.0, NEG_INF_BIAS)[:, None, None, :]  # [B, 1, 1, L]
         if gamma is not None and cond_len:
             bias = bias + gamma_bias(gamma, text_len, image_len, cond_len)[None, None]  # [B, 1, L, L]
+        if self.text_cross_source and cond_len:
+            bias = bias + condition_blind_to_target_bias(text_len, image_len, cond_len)[None, None]  # [B, 1, L, L]
         bias = jnp.broadcast_to(bias, (batch, 1, bias.shape[2], total))
 
         gate = None  # [B, g]: the last text cross-attention block's gate
@@ -411,8 +420,15 @@ class MaskedGenerativeTransformer(nn.Module):
             )
             if self.text_cross_attention and layer < self.num_text_cross_blocks:
                 positions = image_ids if self.text_cross_positions else None
-                update, gate = self.text_cross_blocks[layer](hidden, context, text_mask, pooled, positions)
+                queries = hidden
+                if self.text_cross_source and cond_hidden is not None:
+                    queries = hidden + strength * (
+                        cond_hidden - hidden
+                    )  # the source's tokens (gamma = 0: the target's)
+                update, gate = self.text_cross_blocks[layer](queries, context, text_mask, pooled, positions)
                 hidden = hidden + update
+                if self.text_cross_source and cond_hidden is not None:
+                    cond_hidden = cond_hidden + update
 
         hidden = self.project_from_hidden(self.project_from_hidden_norm(hidden))  # [B, g, D]
         hidden = hidden.reshape(batch, grid_h, grid_w, -1)
@@ -476,6 +492,17 @@ class MaskedGenerativeTransformer(nn.Module):
 
     def block_name(self, layer: int) -> str:
         return block_scope_name(layer, self.num_layers)
+
+
+def condition_blind_to_target_bias(text_len: int, image_len: int, cond_len: int) -> np.ndarray:
+    """`[L, L]` additive attention bias over [text; target; condition] rows and keys: text and condition queries do
+    not see target keys, so those streams are functions of the instruction and the source image alone."""
+    total = text_len + image_len + cond_len
+    bias = np.zeros((total, total), np.float32)
+    target = slice(text_len, text_len + image_len)
+    bias[:text_len, target] = NEG_INF_BIAS
+    bias[text_len + image_len :, target] = NEG_INF_BIAS
+    return bias
 
 
 def standardize_code_features(code_features: jax.Array) -> jax.Array:
