@@ -56,3 +56,19 @@ def test_hold_map_probe_counts_tokens_that_must_change_and_must_keep():
     assert summary["must_keep_changed_share"] == 0.5  # the must-keep token at (1, 1) was changed
     assert np.isnan(probe.summarize(probe.token_stats(~target_changed | True, hold_map, output_changed, held))[
         "map_on_must_keep"])  # fmt: skip
+
+
+def test_grounding_sorts_objects_into_referent_distractor_and_unrelated():
+    grounding = _load("mgt_grounding")
+    red_circle = spec.SceneObject(cell="top-left", kind="circle", color="red", size="large", style="filled")
+    red_square = spec.SceneObject(cell="center", kind="square", color="red", size="small", style="filled")
+    blue_circle = spec.SceneObject(cell="bottom", kind="circle", color="blue", size="small", style="outline")
+    green_diamond = spec.SceneObject(cell="right", kind="diamond", color="green", size="large", style="filled")
+    source = spec.Scene(background="white", objects=(red_circle, red_square, blue_circle, green_diamond))
+    removed = spec.Scene(background="white", objects=(red_square, blue_circle, green_diamond))
+    roles = grounding.object_roles(source, removed)
+    assert roles == {"referent": [red_circle], "distractor": [red_square, blue_circle], "unrelated": [green_diamond]}
+    assert grounding.object_roles(source, source)["referent"] == []
+    pixels = np.zeros((8, 8), bool)
+    pixels[5, 2] = True
+    np.testing.assert_array_equal(np.argwhere(grounding.token_mask(pixels, 4)), [[2, 1]])
