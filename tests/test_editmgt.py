@@ -940,3 +940,16 @@ def test_every_editmgt_variant_maps_attention_layers_inside_its_blocks(stage, ar
     assert sum(config.model.axes_dims_rope) == config.model.head_dim
     if arg == "size=32,quick":  # The quickstart's smaller model (docs/RESULTS.md, "A smaller model, more steps").
         assert (config.model.num_layers, config.model.num_single_layers, config.model.num_heads) == (1, 1, 2)
+
+
+def test_a_frozen_text_encoder_gets_no_gradient_and_the_loss_is_unchanged():
+    model, params, state, device_batch = _loss_setup(text_cross=True)
+    rng = jax.random.key(3)
+    trained, frozen = (editmgt.make_loss(model, cfg_dropout=0.0, train_text_encoder=flag) for flag in (True, False))
+    np.testing.assert_allclose(float(frozen(params, state, device_batch, rng)[0]),
+                               float(trained(params, state, device_batch, rng)[0]), rtol=1e-6)  # fmt: skip
+    grads = {flag: jax.grad(lambda p, f=loss: f(p, state, device_batch, rng)[0])(params)
+             for flag, loss in ((True, trained), (False, frozen))}  # fmt: skip
+    assert _gradient_mass(grads[True]["text_encoder"]) > 0.0
+    assert _gradient_mass(grads[False]["text_encoder"]) == 0.0
+    assert _gradient_mass(grads[False]["mgt"]) > 0.0

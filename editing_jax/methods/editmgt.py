@@ -253,8 +253,11 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
               grounding_weight: float = 0.0, content_weight: float = 0.0, text_gate_weight: float = 0.0,
               code_smoothing: float = 0.0, pixel_weight: float = 0.0,
               caption_change_weight: float = 0.0, changed_row_balance: bool = False,
-              changed_row_power: float = 1.0, token_change_weight: float = 0.0):  # fmt: skip
+              changed_row_power: float = 1.0, token_change_weight: float = 0.0,
+              train_text_encoder: bool = True):  # fmt: skip
     """The masked-token loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
+
+    `train_text_encoder` False stops the gradient at the text encoder's outputs (config `text.train_encoder`).
 
     `edit_weight` multiplies the cross-entropy of masked target tokens that differ from the source tokens (edit
     stage only); 1.0 is the paper's plain average. Copying dominates the plain loss (most tokens are unchanged), so
@@ -331,6 +334,8 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
         ids = jnp.where(drop[:, None], 0, batch["text_ids"])
         text_mask = batch["text_mask"] & ~drop[:, None]
         hidden, pooled = model.encode_text(params, ids, text_mask)
+        if not train_text_encoder:
+            hidden, pooled = jax.lax.stop_gradient((hidden, pooled))
         outputs = model.logits(
             params,
             inputs.reshape(batch_size, height, width),
@@ -914,7 +919,8 @@ def build_objective(config) -> Objective:
             name: value if isinstance(value, bool) else float(value)
             for name, value in config.loss.items()
             if name != "cfg_dropout"
-        },
+        }
+        | {"train_text_encoder": bool(config.text.get("train_encoder", True))},
         settings=settings,
         eval_threshold=float(config.sampling.region_hold_threshold),
         init_params=init_params,

@@ -25,6 +25,10 @@ def text_config(tiny: bool, max_length: int = INSTRUCTION_MAX_LENGTH) -> ml_coll
             "num_heads": 2 if tiny else 4,
             "pooled_dim": 32 if tiny else 64,
             "word_skip": False,  # see TextEncoder.word_skip
+            # False: the MGT loss sends no gradient into the text encoder (AdamW's decoupled weight decay still acts
+            # on its params). Trained at 2e-3 the encoder merges the color words ("red", "blue" nearly equal word
+            # states), after which no object can be found by its name (docs/RESULTS.md, EditMGT: grounding).
+            "train_encoder": True,
         }
     )
 
