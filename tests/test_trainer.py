@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -221,3 +222,26 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
     assert sorted(reference.files) == sorted(resumed.files)
     for key in reference.files:
         np.testing.assert_array_equal(reference[key], resumed[key], err_msg=key)
+
+
+def test_lr_scales_multiply_the_learning_rate_of_named_parameter_groups():
+    config = ml_collections.ConfigDict(dict(toy.toy_config().optimizer))
+    config.warmup_steps, config.grad_clip_norm, config.weight_decay = 0, 0.0, 0.0
+    params = {"mgt": jnp.ones((3,)), "text_encoder": jnp.ones((3,)), "head": jnp.ones((2,))}
+    grads = {"mgt": jnp.full((3,), 0.5), "text_encoder": jnp.full((3,), 0.5), "head": jnp.full((2,), 0.5)}
+
+    def first_update(spec):
+        config.lr_scales = spec
+        optimizer, _ = optim.make_optimizer(config, 100)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        return {name: float(jnp.abs(u).mean()) for name, u in updates.items()}
+
+    plain, scaled = first_update(""), first_update("text_encoder=0.25, head=0")
+    assert plain["mgt"] > 0 and scaled["mgt"] == pytest.approx(plain["mgt"])
+    assert scaled["text_encoder"] == pytest.approx(0.25 * plain["text_encoder"])
+    assert scaled["head"] == 0.0
+    with pytest.raises(ValueError, match="parameter groups are"):
+        first_update("text=0.5")
+    for bad in ("text_encoder", "text_encoder=x", "=1", "mgt=-1"):
+        with pytest.raises(ValueError, match="group=scale"):
+            optim.parse_lr_scales(bad)

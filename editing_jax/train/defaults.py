@@ -18,6 +18,7 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
             "eps": 1e-8,
             "weight_decay": 0.0,
             "grad_clip_norm": 1.0,
+            "lr_scales": "",  # 'group=scale,...': per top-level parameter group learning-rate multipliers
         }
     )
     config.update(overrides)
