@@ -422,9 +422,8 @@ class MaskedGenerativeTransformer(nn.Module):
                 positions = image_ids if self.text_cross_positions else None
                 queries = hidden
                 if self.text_cross_source and cond_hidden is not None:
-                    queries = hidden + strength * (
-                        cond_hidden - hidden
-                    )  # the source's tokens (gamma = 0: the target's)
+                    # The source's tokens; as gamma goes to 0, the target's.
+                    queries = hidden + strength * (cond_hidden - hidden)
                 update, gate = self.text_cross_blocks[layer](queries, context, text_mask, pooled, positions)
                 hidden = hidden + update
                 if self.text_cross_source and cond_hidden is not None:

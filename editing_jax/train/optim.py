@@ -28,13 +28,15 @@ def parse_lr_scales(spec: str) -> dict[str, float]:
     """'text_encoder=0.25,mgt=1' -> {'text_encoder': 0.25, 'mgt': 1.0} ('' -> {})."""
     scales = {}
     for part in filter(None, (p.strip() for p in str(spec).split(","))):
-        name, sep, value = part.partition("=")
+        name, _, value = part.partition("=")
+        name = name.strip()
         try:
-            scales[name.strip()] = float(value)
+            scale = float(value) if name else -1.0
         except ValueError:
-            sep = ""
-        if not sep or not name.strip() or scales[name.strip()] < 0:
+            scale = -1.0
+        if scale < 0:
             raise ValueError(f"optimizer.lr_scales: expected 'group=scale,...' with scales >= 0, got {spec!r}")
+        scales[name] = scale
     return scales
 
 
