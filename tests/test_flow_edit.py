@@ -67,10 +67,13 @@ def test_latent_stats_normalize_the_first_batch_and_round_trip(tiny_flow):
     assert packed.shape == (4, model.token_grid**2, 4 * 4)
     np.testing.assert_allclose(float(jnp.mean(packed)), 0.0, atol=1e-5)
     np.testing.assert_allclose(float(jnp.std(packed)), 1.0, rtol=1e-4)
-    # decode(encode(x)) decodes exactly the (denormalized) posterior means.
+    # decode(encode(x)) decodes the (denormalized) posterior means: normalizing and denormalizing is exact up to
+    # float32 rounding, which can move a pixel that sits on a .5 boundary by one level of 255.
     direct = model.autoencoder.apply(state["tokenizer"], model.raw_latents(state, both), method=AutoencoderKL.decode)
-    expected = np.round((np.clip(np.asarray(direct), -1, 1) + 1) * 127.5).astype(np.uint8)
-    np.testing.assert_array_equal(np.asarray(model.decode(state, packed)), expected)
+    expected = np.round((np.clip(np.asarray(direct), -1, 1) + 1) * 127.5).astype(np.int32)
+    decoded = np.asarray(model.decode(state, packed)).astype(np.int32)
+    assert np.abs(decoded - expected).max() <= 1
+    assert (decoded == expected).mean() > 0.98
     # A KL run with diffusers-style scaling/shift factors set: those win over the batch statistics.
     calibrated = flow_edit.FlowEditor(model.dit, model.text_encoder,
                                       model.autoencoder.clone(scaling_factor=0.5, shift_factor=0.25),
