@@ -38,8 +38,9 @@ OBJECT_EDITS = ("color", "replace", "remove", "move", "resize", "style")
 
 def token_mask(pixels: np.ndarray, grid: int) -> np.ndarray:
     """`[S, S]` bool pixels -> `[grid, grid]` bool: tokens holding any of them."""
-    factor = pixels.shape[0] // grid
-    return pixels.reshape(grid, factor, grid, factor).any(axis=(1, 3))
+    from editing_jax.methods import editmgt
+
+    return np.asarray(editmgt.cells_with_any(np.asarray(pixels)[None], grid)).reshape(grid, grid) > 0
 
 
 def object_roles(source_scene, target_scene) -> dict[str, list]:
@@ -57,6 +58,8 @@ def object_roles(source_scene, target_scene) -> dict[str, list]:
 
 
 def grounding(editor, split: str, num: int, batch_size: int = 64) -> dict:
+    from failure_breakdown import auroc
+
     from editing_jax import inference
     from editing_jax.data.world import render, spec
     from editing_jax.methods import editmgt
@@ -79,25 +82,22 @@ def grounding(editor, split: str, num: int, batch_size: int = 64) -> dict:
             edited = token_mask(np.asarray(raw["edit_mask"][i], bool), grid)  # [h, w]
             changed = out["tokens"][i] != out["source_tokens"][i]  # [h, w]
             scores = np.asarray(out["attention"][i])  # [h, w]
-            kept_tokens = np.zeros_like(edited)
+            referent_tokens, kept_tokens = np.zeros_like(edited), np.zeros_like(edited)
             for role, objects in roles.items():
                 for obj in objects:
                     tokens = token_mask(render.object_coverage(size, obj) > 0.2, grid)
                     tokens = tokens & edited if role == "referent" else tokens & ~edited
                     if not tokens.any():
                         continue
-                    if role != "referent":
+                    if role == "referent":
+                        referent_tokens |= tokens
+                    else:
                         kept_tokens |= tokens
                     sums[edit_type][f"{role}_map"].append(float(scores[tokens].mean()))
                     sums[edit_type][f"{role}_changed"].append(float(changed[tokens].mean()))
-            referent_tokens = edited & token_mask(
-                sum((render.object_coverage(size, o) for o in roles["referent"]), np.zeros((size, size))) > 0.2, grid
-            )
             if referent_tokens.any() and kept_tokens.any():
-                pos, neg = scores[referent_tokens], scores[kept_tokens]
-                auroc_scores[edit_type].append(
-                    float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-                )
+                both = referent_tokens | kept_tokens  # disjoint: inside vs outside the edit mask
+                auroc_scores[edit_type].append(auroc(scores[both], referent_tokens[both]))
     report = {}
     for edit_type in sorted(sums):
         row = {key: {"mean": float(np.mean(values)), "objects": len(values)} for key, values in sums[edit_type].items()}
