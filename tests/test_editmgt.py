@@ -213,6 +213,7 @@ def _tiny_editor(
     pixel_head=False,
     token_gate=False,
     token_change=False,
+    gate_encoder=False,
     loss_options=None,
 ):
     if pixel_head:  # the patch VQ: a code is a 2x2 pixel block (F = 12)
@@ -230,8 +231,10 @@ def _tiny_editor(
                                       text_cross_attention=text_cross or token_gate,
                                       text_code_score=token_gate, text_code_token_gate=token_gate,
                                       token_change_head=token_change,
+                                      gate_text_dim=text_encoder.width if gate_encoder else 0,
                                       pixel_channels=3 if pixel_head else 0)  # fmt: skip
-    model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage)
+    model = editmgt.EditMGT(mgt, text_encoder, vq, tokenizer, image_size=8, stage=stage,
+                            gate_text_encoder=text_encoder if gate_encoder else None)  # fmt: skip
     images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     vq_vars = vq.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
     objective = editmgt.make_objective(model, vq_vars, cfg_dropout=0.5, settings=editmgt.SamplingSettings(
@@ -953,3 +956,22 @@ def test_a_frozen_text_encoder_gets_no_gradient_and_the_loss_is_unchanged():
     assert _gradient_mass(grads[True]["text_encoder"]) > 0.0
     assert _gradient_mass(grads[False]["text_encoder"]) == 0.0
     assert _gradient_mass(grads[False]["mgt"]) > 0.0
+
+
+def test_the_gate_text_encoder_is_frozen_and_only_the_text_cross_attention_reads_it():
+    model, params, state, device_batch = _loss_setup(text_cross=True, gate_encoder=True)
+    rng = jax.random.key(3)
+    hidden, _ = model.encode_text(params, device_batch["text_ids"], device_batch["text_mask"])
+    assert hidden.shape[-1] == 2 * model.text_encoder.width
+    loss = editmgt.make_loss(model, cfg_dropout=0.0, text_gate_weight=1.0)  # at init only the gate loss reaches it
+    grads = jax.grad(lambda p: loss(p, state, device_batch, rng)[0])(params)
+    assert _gradient_mass(grads["gate_text_encoder"]) == 0.0
+    assert _gradient_mass(grads["text_encoder"]) > 0.0
+    assert _gradient_mass(grads["mgt"]["gate_context_embedder"]) > 0.0
+
+    def text_gate(p):
+        return _replay_loss_forward(model, p, state, device_batch, rng, sown=("text_cross_blocks_0/text_gate",))[3][2]
+
+    gate = text_gate(params)["text_cross_blocks_0/text_gate"]  # [B, g]
+    moved = dict(params, gate_text_encoder=jax.tree.map(lambda x: x * 1.5 + 0.1, params["gate_text_encoder"]))
+    assert float(jnp.abs(text_gate(moved)["text_cross_blocks_0/text_gate"] - gate).max()) > 1e-4

@@ -98,7 +98,9 @@ class SamplingSettings:
 class EditMGT:
     """The modules of an EditMGT model (stateless; parameters are passed in).
 
-    params = {'mgt': ..., 'text_encoder': ...}; model_state = {'tokenizer': VQ variables}.
+    params = {'mgt': ..., 'text_encoder': ...} (+ 'gate_text_encoder'); model_state = {'tokenizer': VQ variables}.
+    `gate_text_encoder` (config `text.gate_encoder`) is a second text encoder, frozen at init (no gradient reaches
+    it), whose states only the MGT's text cross-attention reads (`MaskedGenerativeTransformer.gate_text_dim`).
     """
 
     mgt: MaskedGenerativeTransformer
@@ -107,6 +109,7 @@ class EditMGT:
     text_tokenizer: WordTokenizer
     image_size: int
     stage: str = "edit"
+    gate_text_encoder: TextEncoder | None = None
 
     @property
     def token_grid(self) -> int:
@@ -142,7 +145,13 @@ class EditMGT:
         return self.vq.apply(jax.lax.stop_gradient(model_state["tokenizer"]), method=VQModel.code_vectors)
 
     def encode_text(self, params: PyTree, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
+        """ids, mask `[B, Lt]` -> (hidden `[B, Lt, Dt]`, or `[B, Lt, Dt + Dg]` with the gate's frozen text appended;
+        pooled `[B, P]`)."""
+        hidden, pooled = self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
+        if self.gate_text_encoder is not None:
+            gate_hidden, _ = self.gate_text_encoder.apply({"params": params["gate_text_encoder"]}, ids, mask)
+            hidden = jnp.concatenate([hidden, jax.lax.stop_gradient(gate_hidden)], axis=-1)
+        return hidden, pooled
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """Host-side: tokenizes the stage's text ('instruction' for edit, 'target_caption' for t2i)."""
@@ -721,10 +730,14 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
         mgt_rng, text_rng = jax.random.split(rng)
         batch_size = batch["text_ids"].shape[0]
-        (hidden, pooled), text_variables = model.text_encoder.init_with_output(
-            text_rng, batch["text_ids"], batch["text_mask"]
-        )
-        text_params = text_variables["params"]
+        text_params = {"text_encoder": model.text_encoder.init(text_rng, batch["text_ids"], batch["text_mask"])}
+        if model.gate_text_encoder is not None:
+            gate_rng = jax.random.fold_in(text_rng, 2)
+            text_params["gate_text_encoder"] = model.gate_text_encoder.init(
+                gate_rng, batch["text_ids"], batch["text_mask"]
+            )
+        text_params = {name: variables["params"] for name, variables in text_params.items()}
+        hidden, pooled = model.encode_text(text_params, batch["text_ids"], batch["text_mask"])
         grid = model.token_grid
         tokens = jnp.zeros((batch_size, grid, grid), jnp.int32)
         mgt_params = model.mgt.init(
@@ -738,7 +751,7 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
             cond_tokens=tokens if model.uses_condition else None,
             code_features=model.code_features({"tokenizer": frozen_tokenizer}),
         )["params"]
-        params = {"mgt": mgt_params, "text_encoder": text_params}
+        params = {"mgt": mgt_params, **text_params}
         if (loss_options or {}).get("caption_change_weight", 0.0) > 0:
             head_rng = jax.random.fold_in(text_rng, 1)
             params["caption_change_head"] = model.caption_change_head.init(head_rng, pooled)["params"]
@@ -849,6 +862,9 @@ def build_model(config) -> EditMGT:
     vq = VQModel(**module_kwargs(json.loads(config.tokenizer.model_json)))
     tokenizer, text_encoder = build_text_modules(config.text)
     mgt_kwargs = module_kwargs(config.model)
+    # `text.gate_encoder`: the text cross-attention reads a second, frozen text encoder (EditMGT.gate_text_encoder).
+    gate_text_encoder = text_encoder if config.text.get("gate_encoder", False) else None
+    mgt_kwargs["gate_text_dim"] = 0 if gate_text_encoder is None else text_encoder.width
     # `model.code_content` (bool) feeds the VQ codebook to the MGT (see MaskedGenerativeTransformer.code_content_dim).
     mgt_kwargs["code_content_dim"] = vq.code_dim if mgt_kwargs.pop("code_content", False) else 0
     # The content head exists only in runs trained with its loss, so older checkpoints keep their parameter tree.
@@ -866,7 +882,7 @@ def build_model(config) -> EditMGT:
     grid = size // vq.downsample_factor
     if mgt.downsample and grid % 2:
         raise ValueError(f"model.downsample needs an even token grid, got {grid}")
-    return EditMGT(mgt, text_encoder, vq, tokenizer, size, str(config.stage))
+    return EditMGT(mgt, text_encoder, vq, tokenizer, size, str(config.stage), gate_text_encoder)
 
 
 def resolve_config(config) -> None:

@@ -138,6 +138,12 @@ class MaskedGenerativeTransformer(nn.Module):
         source image and the text; read from partly masked target tokens, the supervised gate learns "this visible
         target token differs from the source" during training, which the one-step editor (every target token masked)
         never has. Not in EditMGT.
+      gate_text_dim: Dg > 0 gives the text cross-attention its own text: the last Dg features of `text_hidden` are
+        the states of a second text encoder (`EditMGT.gate_text_encoder`, frozen at init), projected by their own
+        `gate_context_embedder`; the joint attention reads the first features. Not in EditMGT: the source-read gate
+        finds the named object only with a text encoder that keeps its words apart, frozen (trained, it merges the
+        color words), and the whole-image edits want a trained one (docs/RESULTS.md, EditMGT: "Finding the named
+        object").
       text_cross_positions: the text cross-attention's queries also get the tokens' grid positions (words like "top
         left" can then be matched by place; see `TextCrossAttention`).
       absolute_positions: image tokens (target and condition alike) get a learned projection of their grid position's
@@ -170,6 +176,7 @@ class MaskedGenerativeTransformer(nn.Module):
     text_cross_attention: bool = False
     text_cross_single: bool = False
     text_cross_source: bool = False
+    gate_text_dim: int = 0
     text_cross_positions: bool = False
     absolute_positions: bool = False
     text_gate_copy: bool = False
@@ -226,6 +233,11 @@ class MaskedGenerativeTransformer(nn.Module):
             raise ValueError("text_cross_attention follows the double-stream blocks: it needs num_layers >= 1")
         if (self.text_cross_single or self.text_cross_source) and not self.text_cross_attention:
             raise ValueError("text_cross_single and text_cross_source need text_cross_attention")
+        if self.gate_text_dim:
+            if not self.text_cross_attention:
+                raise ValueError("gate_text_dim > 0 needs text_cross_attention")
+            self.gate_context_embedder = Dense(width, (None, "embed"), **kwargs)
+            self.gate_context_norm = uvit.rms_norm(**kwargs)
         if self.text_cross_attention:
             self.text_cross_blocks = [TextCrossAttention(self.num_heads, self.head_dim, **kwargs)
                                       for _ in range(self.num_text_cross_blocks)]  # fmt: skip
@@ -349,7 +361,8 @@ class MaskedGenerativeTransformer(nn.Module):
 
         Args:
           tokens: `[B, h, w]` int32 target tokens, `mask_token_id` where unknown.
-          text_hidden: `[B, Lt, Dt]` text encoder states.
+          text_hidden: `[B, Lt, Dt]` text encoder states (`[B, Lt, Dt + Dg]` with `gate_text_dim` = Dg: the
+            joint attention's text, then the text cross-attention's).
           text_mask: `[B, Lt]` bool, real text positions.
           pooled_text: `[B, P]` pooled text embedding.
           timestep: `[B]` masking rate in [0, 1] (scaled by 1000 inside, as Meissonic).
@@ -368,6 +381,11 @@ class MaskedGenerativeTransformer(nn.Module):
         micro = timestep_embedding(micro_conds.reshape(-1), self.micro_cond_dim).reshape(batch, -1)  # [B, M*E]
         pooled = self.cond_embed(jnp.concatenate([pooled_text.astype(jnp.float32), micro], axis=-1))  # [B, D]
         temb = self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, pooled)  # [B, D]
+        gate_context = None  # [B, Lt, D]: the text cross-attention's own text
+        if self.gate_text_dim:
+            split = text_hidden.shape[-1] - self.gate_text_dim
+            text_hidden, gate_text = text_hidden[..., :split], text_hidden[..., split:]
+            gate_context = self.gate_context_norm(self.gate_context_embedder(gate_text))
         context = self.encoder_proj_layer_norm(self.context_embedder(text_hidden))  # [B, Lt, D]
 
         extra = skip = None
@@ -424,7 +442,8 @@ class MaskedGenerativeTransformer(nn.Module):
                 if self.text_cross_source and cond_hidden is not None:
                     # The source's tokens; as gamma goes to 0, the target's.
                     queries = hidden + strength * (cond_hidden - hidden)
-                update, gate = self.text_cross_blocks[layer](queries, context, text_mask, pooled, positions)
+                text = context if gate_context is None else gate_context
+                update, gate = self.text_cross_blocks[layer](queries, text, text_mask, pooled, positions)
                 hidden = hidden + update
                 if self.text_cross_source and cond_hidden is not None:
                     cond_hidden = cond_hidden + update
