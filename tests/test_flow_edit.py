@@ -432,3 +432,41 @@ def test_dense_grpo_with_token_focus_trains_and_edits(sft_run, tmp_path, capsys)
     for row in result["layers"]:
         assert sum(row["start_histogram"]) == 4 and 0.0 <= row["keyword_overlap"] <= 1.0
         assert 0.0 < row["keyword_importance_uniform"] < 1.0
+
+
+def test_a_frozen_text_encoder_gets_no_flow_gradient_and_the_loss_is_unchanged(tiny_flow):
+    params = tiny_flow.params
+    rng = jax.random.key(5)
+    losses = {flag: flow_edit.make_loss(tiny_flow.model, cfg_dropout=0.0, timestep_sampling="uniform",
+                                        train_text_encoder=flag) for flag in (True, False)}  # fmt: skip
+    values = {flag: float(loss(params, tiny_flow.state, tiny_flow.arrays, rng)[0]) for flag, loss in losses.items()}
+    np.testing.assert_allclose(values[False], values[True], rtol=1e-6)
+    grads = {flag: jax.grad(lambda p, f=loss: f(p, tiny_flow.state, tiny_flow.arrays, rng)[0])(params)
+             for flag, loss in losses.items()}  # fmt: skip
+    mass = {flag: {name: sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(tree)) for name, tree in g.items()}
+            for flag, g in grads.items()}  # fmt: skip
+    assert mass[True]["text_encoder"] > 0.0 and mass[False]["text_encoder"] == 0.0
+    assert mass[False]["dit"] > 0.0
+
+
+def test_a_source_read_gate_is_supervised_by_the_target_cells_once(tiny_flow):
+    dit = tiny_flow.model.dit.clone(text_cross_attention=True, text_cross_source=True)
+    model = dataclasses.replace(tiny_flow.model, dit=dit)
+    objective = flow_edit.make_objective(model, tiny_flow.state["tokenizer"], cfg_dropout=0.0, timestep_sampling="uniform",
+                                         settings=flow_edit.FlowSettings(num_steps=3))  # fmt: skip
+    params = nn.meta.unbox(objective.init(jax.random.key(2), tiny_flow.arrays))["params"]
+    edit_mask = np.zeros((2, 8, 8), np.uint8)
+    edit_mask[:, :4, :4] = 1  # cell (0, 0) of the 2x2 token grid in both rows
+    arrays = dict(tiny_flow.arrays, edit_mask=jnp.asarray(edit_mask))
+    rng = jax.random.key(5)
+    gated = flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform", text_gate_weight=1.0)
+    _, aux = gated(params, tiny_flow.state, arrays, rng)
+    text = model.encode_text(params, arrays["text_ids"], arrays["text_mask"])
+    x_t = jnp.zeros((2, 4, model.token_channels))  # the gate does not depend on the noisy target, only on t
+    t = jax.random.uniform(jax.random.split(rng, 3)[0], (2,), minval=1e-3, maxval=1 - 1e-3)  # the loss's times
+    _, variables = model._apply_dit(params, x_t, t, text,
+                                    model.encode(tiny_flow.state, arrays["source_image"]), mutable=["intermediates"])  # fmt: skip
+    gate = variables["intermediates"]["text_cross_blocks_0"]["text_gate"][0]  # [B, 4]
+    cells = jnp.asarray([[1.0, 0.0, 0.0, 0.0]] * 2)
+    expected, _ = editmgt.text_gate_bce(gate, cells, jnp.ones((2,)))
+    np.testing.assert_allclose(float(aux.metrics["text_gate_loss"]), float(expected), rtol=1e-5)

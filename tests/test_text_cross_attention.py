@@ -290,3 +290,28 @@ def test_text_cross_source_reads_the_text_from_the_condition_tokens_and_gamma_ze
     np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(logits[1]), atol=1e-5)
     assert float(jnp.abs(source_read.apply({"params": params}, *args, cond_tokens=other_cond) - source_read.apply(
         {"params": params}, *args, cond_tokens=cond)).max()) > 1e-3  # fmt: skip
+
+
+def test_flow_dit_text_cross_source_gates_target_tokens_by_the_reference_alone():
+    kwargs = dict(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8, axes_dims_rope=(2, 2, 4),
+                  text_cross_attention=True, zero_init_output=False, zero_init_modulation=False)  # fmt: skip
+    target_read, source_read = FlowDiT(**kwargs), FlowDiT(text_cross_source=True, **kwargs)
+    rng = np.random.default_rng(0)
+    x, other_x, ref = (jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32) for _ in range(3))
+    text, pooled = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32), jnp.asarray(rng.normal(size=(2, 5)))
+    rest = (text, pooled, jnp.full((2,), 0.5), latent_image_ids(2, 2), np.zeros((3, 3), np.float32))
+    ref_kwargs = dict(ref_hidden=ref, ref_ids=latent_image_ids(2, 2, index=1))
+    params = nn.meta.unbox(source_read.init(jax.random.key(0), x, *rest, **ref_kwargs)["params"])
+
+    def gate(model, noisy):
+        _, state = model.apply({"params": params}, noisy, *rest, **ref_kwargs, mutable=["intermediates"])
+        return np.asarray(state["intermediates"]["text_cross_blocks_0"]["text_gate"][0])
+
+    gates = gate(source_read, x)
+    assert gates.shape == (2, 4)  # the reference tokens' gates (the target tokens get copies)
+    np.testing.assert_allclose(gate(source_read, other_x), gates, atol=1e-6)  # the noisy target does not move them
+    assert np.abs(gate(target_read, other_x) - gate(target_read, x)).max() > 1e-3
+    velocity = [source_read.apply({"params": params}, noisy, *rest, **ref_kwargs) for noisy in (x, other_x)]
+    assert float(jnp.abs(velocity[0] - velocity[1]).max()) > 1e-3  # the target still reads itself
+    with pytest.raises(ValueError, match="reference tokens of the target's size"):
+        source_read.apply({"params": params}, x, *rest)

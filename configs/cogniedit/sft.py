@@ -50,6 +50,7 @@ def get_config(arg=None):
             # Image tokens also read the text per token, with their gates supervised by the world's edit mask
             # (loss.text_gate_weight): 16.0 % held-out vs 12.9 % without (docs/RESULTS.md, CogniEdit: SFT base).
             "text_cross_attention": True,  # not in Flux; see FlowDiT.text_cross_attention
+            "text_cross_source": False,  # not in Flux; see FlowDiT.text_cross_source
             "text_velocity": False,  # not in Flux; see FlowDiT.text_velocity
             "lora_rank": 0,  # Full fine-tuning here; GRPO adds LoRA adapters on top of this run.
             "dtype": "float32",

@@ -269,7 +269,8 @@ def empty_text(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling: str = "logit_normal",
-              text_gate_weight: float = 0.0, edit_weight: float = 1.0):  # fmt: skip
+              text_gate_weight: float = 0.0, edit_weight: float = 1.0,
+              train_text_encoder: bool = True):  # fmt: skip
     """The flow-matching loss `(params, model_state, batch, rng) -> (loss, LossAux)`.
 
     loss = mean over batch, tokens and channels of (v_theta(x_t, t, text, source) - (eps - x_0))^2, with
@@ -288,6 +289,7 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         edit_weight: the squared error of target tokens whose cell holds an edited pixel (`editmgt.cells_with_any`
           of the batch's `edit_mask`) weighs this much, the others 1; the loss is then the weighted mean over batch
           and tokens (EditMGT's `loss.edit_weight` for the flow editor; 1 = plain flow matching). Not in Flux.
+        train_text_encoder: False stops the gradient at the text encoder's outputs (config `text.train_encoder`).
 
     Raises:
         ValueError: an unknown timestep_sampling, text_gate_weight > 0 without text cross-attention, or
@@ -310,6 +312,8 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
         x_t = interpolate(x0, noise, t)  # [B, L, C]
         ids, mask = drop_text(drop_rng, batch["text_ids"], batch["text_mask"], cfg_dropout)
         text = model.encode_text(params, ids, mask)
+        if not train_text_encoder:
+            text = jax.lax.stop_gradient(text)
         if gates:
             predicted, variables = model._apply_dit(params, x_t, t, text, reference, mutable=["intermediates"])
             predicted = predicted.astype(jnp.float32)  # [B, L, C]
@@ -329,7 +333,9 @@ def make_loss(model: FlowEditor, *, cfg_dropout: float = 0.1, timestep_sampling:
             "loss_high_t": jnp.sum(per_example * (1 - low)) / jnp.maximum(jnp.sum(1 - low), 1.0),
         }
         if gates:
-            cells = jnp.concatenate([edited, edited], axis=1)  # [B, 2g]: reference tokens share the target's cells
+            # [B, 2g]: reference tokens share the target's cells; with text_cross_source only the reference tokens'
+            # gates are sown ([B, g]; a target token's gate is a copy of its reference token's).
+            cells = edited if model.dit.text_cross_source else jnp.concatenate([edited, edited], axis=1)
             rows = jnp.any(mask, axis=1).astype(jnp.float32)  # [B]: rows whose text was dropped read nothing
             # (loss, agreement) per block
             per_block = [editmgt.text_gate_bce(variables["intermediates"][name]["text_gate"][0], cells, rows)
@@ -445,7 +451,7 @@ def visualize_edits(edit_fn, params, model_state, batch: Batch, settings: FlowSe
 def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: float, timestep_sampling: str,
                    settings: FlowSettings, init_params: PyTree | None = None,
                    init_latent_stats: PyTree | None = None, text_gate_weight: float = 0.0,
-                   edit_weight: float = 1.0) -> Objective:  # fmt: skip
+                   edit_weight: float = 1.0, train_text_encoder: bool = True) -> Objective:  # fmt: skip
     """The trainer objective.
 
     Args:
@@ -456,7 +462,7 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
         settings: sampler settings of visualize / evaluate.
         init_params: optional params replacing the fresh ones where paths and shapes match (a previous run's).
         init_latent_stats: optional latent statistics to keep (the `init_params` run's) instead of estimating them.
-        text_gate_weight, edit_weight: see `make_loss`.
+        text_gate_weight, edit_weight, train_text_encoder: see `make_loss`.
 
     Returns:
         An Objective whose evaluate reports 'verifier_success', 'preservation_l1' and 'verifier_success/<type>'.
@@ -503,6 +509,7 @@ def make_objective(model: FlowEditor, frozen_tokenizer: PyTree, *, cfg_dropout: 
             timestep_sampling=timestep_sampling,
             text_gate_weight=text_gate_weight,
             edit_weight=edit_weight,
+            train_text_encoder=train_text_encoder,
         ),
         visualize=visualize,
         evaluate=evaluate,
@@ -524,6 +531,8 @@ def build_model(config) -> FlowEditor:
     if not config.tokenizer.model_json:
         raise ValueError("config.tokenizer.model_json is empty; build the objective first (it resolves it)")
     autoencoder = AutoencoderKL(**module_kwargs(json.loads(config.tokenizer.model_json)))
+    if config.text.get("gate_encoder", False):
+        raise ValueError("text.gate_encoder is an EditMGT option; the flow editor does not have it")
     tokenizer, text_encoder = editmgt.build_text_modules(config.text)
     dit = FlowDiT(**module_kwargs(config.model))
     size, patch = int(config.data.size), int(config.patch_size)
@@ -568,4 +577,5 @@ def build_objective(config) -> Objective:
         init_latent_stats=init_stats,
         text_gate_weight=float(config.loss.get("text_gate_weight", 0.0)),
         edit_weight=float(config.loss.get("edit_weight", 1.0)),
+        train_text_encoder=bool(config.text.get("train_encoder", True)),
     )

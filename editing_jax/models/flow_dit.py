@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from editing_jax.models.token_focus import TokenFocus, focus_module_name
-from editing_jax.nn.attention import grid_position_ids, rope_frequencies
+from editing_jax.nn.attention import condition_blind_to_target_bias, grid_position_ids, rope_frequencies
 from editing_jax.nn.embeddings import CombinedTimestepTextProjEmbeddings
 from editing_jax.nn.transformer import (
     DEFAULT_LORA_TARGETS,
@@ -153,6 +153,14 @@ class FlowDiT(nn.Module):
       text_cross_attention: after each double-stream block, the image tokens (target and reference) also read the
         text through `nn.transformer.TextCrossAttention` (own softmax over [null; text], values carrying the pooled
         text). Not in Flux; see `MaskedGenerativeTransformer.text_cross_attention`.
+      text_cross_source: the text cross-attention reads the text from the *reference* tokens (its update and gate at
+        a target token are those of the reference token at the same grid position; the reference must have the
+        target's size), and the text and reference streams of joint attention do not attend to target tokens
+        (`nn.attention.condition_blind_to_target_bias`). Which tokens an instruction is about is then a function of the
+        source image, the text and the time (reference tokens share the target's modulation, as in Kontext), not of
+        the noisy target. Needs `text_cross_attention` and a reference. Not in
+        Flux; see `MaskedGenerativeTransformer.text_cross_source` (docs/RESULTS.md, EditMGT: "Finding the named
+        object").
       text_velocity: add to every target token's velocity `gate * mlp([pooled; temb])` (gate: the last text
         cross-attention gate at the token), a path from the instruction to the output that skips the trunk; the MLP's
         last layer starts at zero, so a fresh path changes nothing. With v = noise - x0, the text can set the edited
@@ -181,6 +189,7 @@ class FlowDiT(nn.Module):
     token_focus_temperature: float = 1.0
     token_focus_gate_init: float = 0.0
     text_cross_attention: bool = False
+    text_cross_source: bool = False
     text_velocity: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -255,6 +264,10 @@ class FlowDiT(nn.Module):
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}")
         if self.text_velocity and not (self.text_cross_attention and self.num_layers > 0):
             raise ValueError("text_velocity needs text_cross_attention (and at least one double-stream block)")
+        if self.text_cross_source and not self.text_cross_attention:
+            raise ValueError("text_cross_source needs text_cross_attention")
+        if self.text_cross_source and (ref_hidden is None or ref_hidden.shape[1] != hidden.shape[1]):
+            raise ValueError("text_cross_source needs reference tokens of the target's size")
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = self.width
         target_len = hidden.shape[1]
@@ -282,6 +295,10 @@ class FlowDiT(nn.Module):
             lora_targets=self.lora_targets,
             **kwargs,
         )
+        bias = None  # [1, 1, Lt + L + Lr, Lt + L + Lr]
+        if self.text_cross_source:
+            text_len = encoder_hidden.shape[1]
+            bias = jnp.asarray(condition_blind_to_target_bias(text_len, target_len, target_len))[None, None]
         focus_layers = self.focus_layers
         gate = None  # [B, L (+ Lr)]: the last text cross-attention gate
         for layer in range(self.num_blocks):
@@ -296,11 +313,16 @@ class FlowDiT(nn.Module):
                 )(context, txt_mask)  # [B, Lt, D]
             block_cls = DoubleStreamBlock if layer < self.num_layers else SingleStreamBlock
             block = block_cls(name=self.block_name(layer), **block_kwargs)
-            x, context, _ = block(x, context, temb, rope, capture_attention=layer in capture_layers)
+            x, context, _ = block(x, context, temb, rope, attention_bias=bias,
+                                  capture_attention=layer in capture_layers)  # fmt: skip
             if self.text_cross_attention and layer < self.num_layers:
                 mask = jnp.ones(context.shape[:2], bool) if txt_mask is None else txt_mask
-                update, gate = TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}",
-                                                  **kwargs)(x, context, mask, pooled)  # fmt: skip
+                cross = TextCrossAttention(self.num_heads, self.head_dim, name=f"text_cross_blocks_{layer}", **kwargs)
+                if self.text_cross_source:
+                    update, gate = cross(x[:, target_len:], context, mask, pooled)  # [B, Lr, D], [B, Lr]
+                    update, gate = (jnp.concatenate([value, value], axis=1) for value in (update, gate))
+                else:
+                    update, gate = cross(x, context, mask, pooled)
                 x = x + update  # [B, L (+ Lr), D]
 
         x = x[:, :target_len]  # [B, L, D]: reference outputs are dropped

@@ -27,7 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from editing_jax.nn import uvit
-from editing_jax.nn.attention import grid_position_ids, rope_frequencies
+from editing_jax.nn.attention import (
+    NEG_INF_BIAS,
+    condition_blind_to_target_bias,
+    grid_position_ids,
+    rope_frequencies,
+)
 from editing_jax.nn.embeddings import CombinedTimestepTextProjEmbeddings, TimestepEmbedding, timestep_embedding
 from editing_jax.nn.transformer import (
     Dense,
@@ -44,8 +49,6 @@ Dtype = Any
 # docs/RESULTS.md) and gate offset (a fresh head mostly keeps the source pixel: sigmoid(-2) = 0.12).
 PIXEL_LOG_SCALE_INIT = 0.0
 PIXEL_GATE_OFFSET = -2.0
-# Additive logit standing in for log(0): exp(-1e9 - max) is exactly 0 in float32.
-NEG_INF_BIAS = -1e9
 
 
 def gamma_bias(gamma: float | jax.Array, text_len: int, image_len: int, cond_len: int) -> jax.Array:
@@ -510,17 +513,6 @@ class MaskedGenerativeTransformer(nn.Module):
 
     def block_name(self, layer: int) -> str:
         return block_scope_name(layer, self.num_layers)
-
-
-def condition_blind_to_target_bias(text_len: int, image_len: int, cond_len: int) -> np.ndarray:
-    """`[L, L]` additive attention bias over [text; target; condition] rows and keys: text and condition queries do
-    not see target keys, so those streams are functions of the instruction and the source image alone."""
-    total = text_len + image_len + cond_len
-    bias = np.zeros((total, total), np.float32)
-    target = slice(text_len, text_len + image_len)
-    bias[:text_len, target] = NEG_INF_BIAS
-    bias[text_len + image_len :, target] = NEG_INF_BIAS
-    return bias
 
 
 def standardize_code_features(code_features: jax.Array) -> jax.Array:

@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Additive logit standing in for log(0): exp(-1e9 - max) is exactly 0 in float32.
+NEG_INF_BIAS = -1e9
+
 
 def rope_frequencies(
     position_ids: np.ndarray | jax.Array, axes_dims: Sequence[int], theta: float = 10000.0
@@ -126,3 +129,14 @@ def dot_product_attention(
     probs = jax.nn.softmax(logits, axis=-1)  # [B, H, Lq, Lk] float32
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)  # [B, Lq, H, Dh]
     return out, probs
+
+
+def condition_blind_to_target_bias(text_len: int, image_len: int, cond_len: int) -> np.ndarray:
+    """`[L, L]` additive attention bias over [text; target; condition] rows and keys: text and condition queries do
+    not see target keys, so those streams are functions of the instruction and the source image alone."""
+    total = text_len + image_len + cond_len
+    bias = np.zeros((total, total), np.float32)
+    target = slice(text_len, text_len + image_len)
+    bias[:text_len, target] = NEG_INF_BIAS
+    bias[text_len + image_len :, target] = NEG_INF_BIAS
+    return bias
