@@ -2,9 +2,20 @@
 
 import importlib.util
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pytest
 
+from editing_jax import inference
 from editing_jax.data.world import spec
+from editing_jax.methods import flow_edit
+from editing_jax.models.autoencoder import AutoencoderKL
+from editing_jax.models.flow_dit import FlowDiT
+from editing_jax.text.encoder import TextEncoder
+from editing_jax.text.tokenizer import WordTokenizer
 
 
 def _load(name: str):
@@ -72,3 +83,72 @@ def test_grounding_sorts_objects_into_referent_distractor_and_unrelated():
     pixels = np.zeros((8, 8), bool)
     pixels[5, 2] = True
     np.testing.assert_array_equal(np.argwhere(grounding.token_mask(pixels, 4)), [[2, 1]])
+
+
+def _tiny_flow_editor(image_size: int, text_cross_source: bool = False) -> inference.Editor:
+    """A flow editor with random weights: 2 double blocks with text cross-attention, a tiny frozen autoencoder."""
+    autoencoder = AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                                use_mid_block=False, latent_channels=4)  # fmt: skip
+    tokenizer = WordTokenizer(("remove", "the", *spec.COLORS, *spec.KINDS), max_length=12, num_hash_buckets=4)
+    text_encoder = TextEncoder(tokenizer.vocab_size, width=16, num_layers=1, num_heads=2, max_length=12, pooled_dim=8)
+    dit = FlowDiT(num_layers=2, num_single_layers=0, num_heads=2, head_dim=8, axes_dims_rope=(2, 2, 4),
+                  zero_init_modulation=False, zero_init_output=False, text_cross_attention=True,
+                  text_cross_source=text_cross_source)  # fmt: skip
+    model = flow_edit.FlowEditor(dit, text_encoder, autoencoder, tokenizer, image_size=image_size, patch_size=2)
+    rng = np.random.default_rng(0)
+    # Random frozen autoencoder weights from NumPy (compiling its init is slow); latent stats: identity.
+    shapes = jax.eval_shape(autoencoder.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    state = {"tokenizer": jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes),
+             "latent_stats": {"shift": jnp.float32(0.0), "scale": jnp.float32(1.0)}}  # fmt: skip
+    objective = flow_edit.make_objective(model, state["tokenizer"], cfg_dropout=0.0, timestep_sampling="uniform",
+                                         settings=flow_edit.FlowSettings(num_steps=1),
+                                         init_latent_stats=state["latent_stats"])  # fmt: skip
+    text = model.prepare_batch({"instruction": np.asarray(["remove the red circle"], object)})
+    text = {key: jnp.asarray(text[key]) for key in ("text_ids", "text_mask")}
+    params = nn.meta.unbox(jax.jit(objective.init)(jax.random.key(1), text))["params"]
+    return inference.Editor(model, params, state, ml_collections.ConfigDict({"data": {"seed": 0}}), 0)
+
+
+@pytest.mark.parametrize("text_cross_source", [False, True])
+def test_flow_gate_is_the_last_text_cross_gate_on_the_target_tokens_at_t_1(text_cross_source):
+    grounding = _load("mgt_grounding")
+    editor = _tiny_flow_editor(8, text_cross_source)
+    model, params, state = editor.model, editor.params, editor.model_state
+    source = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8))
+    batch = model.prepare_batch(
+        {"instruction": np.asarray(["remove the red circle", "remove the blue square"], object)}
+    )
+    ids, mask = jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"])
+
+    gate_fn = grounding.flow_gate_fn(model)
+    gate = np.asarray(gate_fn(params, state, ids, mask, source, 3))  # [2, grid, grid]
+    assert gate.shape == (2, model.token_grid, model.token_grid) == (2, 2, 2)
+    assert ((gate >= 0.0) & (gate <= 1.0)).all()
+    reference = model.encode(state, source)  # [2, L, C]
+    x_1 = jnp.broadcast_to(jax.random.normal(jax.random.key(3), reference.shape[1:]), reference.shape)
+    _, variables = model._apply_dit(params, x_1, jnp.ones((2,)), model.encode_text(params, ids, mask), reference,
+                                    mutable=["intermediates"])  # fmt: skip
+    sown = np.asarray(variables["intermediates"]["text_cross_blocks_1"]["text_gate"][0])
+    assert sown.shape == (2, 4 if text_cross_source else 8)  # [B, Lr] read from the source, or [B, L + Lr]
+    np.testing.assert_allclose(gate.reshape(2, 4), sown[:, :4], rtol=1e-6)
+    other_noise = np.asarray(gate_fn(params, state, ids, mask, source, 4))
+    if text_cross_source:
+        np.testing.assert_allclose(other_noise, gate, rtol=1e-6)
+    else:
+        assert np.abs(other_noise - gate).max() > 1e-6
+
+
+def test_flow_grounding_reports_the_gate_per_role_and_no_changed_tokens(monkeypatch):
+    monkeypatch.syspath_prepend("benchmarks")  # its sibling failure_breakdown, as when run as a script
+    grounding = _load("mgt_grounding")
+    editor = _tiny_flow_editor(32)
+    assert grounding.has_text_gate(editor)
+    report = grounding.flow_grounding(editor, "test", 24, batch_size=8)
+    assert report and set(report) <= set(grounding.OBJECT_EDITS)
+    for row in report.values():
+        assert "referent_map" in row and not any(key.endswith("_changed") for key in row)
+        assert all(0.0 <= row[key]["mean"] <= 1.0 for key in row)
+    swap = grounding.name_swap(editor, "test", 24, batch_size=8)
+    assert swap["pairs"] >= 1 and 0.0 <= swap["named_higher"] <= 1.0
+    states = grounding.word_states(editor)
+    assert states["color_word"] > 0.0 and states["kind_word"] > 0.0
