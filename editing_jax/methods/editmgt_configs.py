@@ -29,8 +29,9 @@ def text_config(tiny: bool, max_length: int = INSTRUCTION_MAX_LENGTH) -> ml_coll
             # on its params). Trained at 2e-3 the encoder merges the color words ("red", "blue" nearly equal word
             # states), after which no object can be found by its name (docs/RESULTS.md, EditMGT: grounding).
             "train_encoder": True,
-            # True: the text cross-attention reads its own copy of the encoder, frozen at init, while the joint
-            # attention reads the trained one (MaskedGenerativeTransformer.gate_text_dim; edit stage).
+            # True: the text cross-attention reads its own copy of the encoder, frozen at init (no gradient; weight
+            # decay still acts), while the joint attention reads the trained one (MaskedGenerativeTransformer
+            # .gate_text_dim; edit stage; EditMGT only).
             "gate_encoder": False,
         }
     )

@@ -156,11 +156,10 @@ class FlowDiT(nn.Module):
       text_cross_source: the text cross-attention reads the text from the *reference* tokens (its update and gate at
         a target token are those of the reference token at the same grid position; the reference must have the
         target's size), and the text and reference streams of joint attention do not attend to target tokens
-        (`nn.attention.condition_blind_to_target_bias`). Which tokens an instruction is about is then a function of the
-        source image, the text and the time (reference tokens share the target's modulation, as in Kontext), not of
-        the noisy target. Needs `text_cross_attention` and a reference. Not in
-        Flux; see `MaskedGenerativeTransformer.text_cross_source` (docs/RESULTS.md, EditMGT: "Finding the named
-        object").
+        (`nn.attention.condition_blind_to_target_bias`). Which tokens an instruction is about is then a function of
+        the source image, the text and the time (reference tokens share the target's modulation, as in Kontext),
+        not of the noisy target. Needs `text_cross_attention` and a reference. Not in Flux; see
+        `MaskedGenerativeTransformer.text_cross_source` (docs/RESULTS.md, EditMGT: "Finding the named object").
       text_velocity: add to every target token's velocity `gate * mlp([pooled; temb])` (gate: the last text
         cross-attention gate at the token), a path from the instruction to the output that skips the trunk; the MLP's
         last layer starts at zero, so a fresh path changes nothing. With v = noise - x0, the text can set the edited
