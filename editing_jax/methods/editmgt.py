@@ -730,13 +730,11 @@ def make_objective(model: EditMGT, frozen_tokenizer: PyTree, *, cfg_dropout: flo
     def init(rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
         mgt_rng, text_rng = jax.random.split(rng)
         batch_size = batch["text_ids"].shape[0]
-        text_params = {"text_encoder": model.text_encoder.init(text_rng, batch["text_ids"], batch["text_mask"])}
+        text_inputs = (batch["text_ids"], batch["text_mask"])
+        text_params = {"text_encoder": model.text_encoder.init(text_rng, *text_inputs)["params"]}
         if model.gate_text_encoder is not None:
             gate_rng = jax.random.fold_in(text_rng, 2)
-            text_params["gate_text_encoder"] = model.gate_text_encoder.init(
-                gate_rng, batch["text_ids"], batch["text_mask"]
-            )
-        text_params = {name: variables["params"] for name, variables in text_params.items()}
+            text_params["gate_text_encoder"] = model.gate_text_encoder.init(gate_rng, *text_inputs)["params"]
         hidden, pooled = model.encode_text(text_params, batch["text_ids"], batch["text_mask"])
         grid = model.token_grid
         tokens = jnp.zeros((batch_size, grid, grid), jnp.int32)
