@@ -5,6 +5,7 @@
 
 Each run's editor is rebuilt from its saved config and evaluated with ODE edits (its sampling settings, the same
 seeds for every run): verifier success overall and per edit type, preservation L1 and the mean world reward.
+`--edit_types remove,style` draws only those edit types (a larger sample of the types an RL curriculum trains on).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pathlib
 import numpy as np
 
 
-def evaluate_run(path: str, split: str, num: int, batch_size: int) -> dict:
+def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: tuple[str, ...] = ()) -> dict:
     from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
@@ -24,7 +25,8 @@ def evaluate_run(path: str, split: str, num: int, batch_size: int) -> dict:
 
     editor = inference.load_editor(path)  # a GRPO run: its SFT base joined with the adapters and token focus
     config, model, params = editor.config, editor.model, editor.params
-    source = pipeline.WorldSource(split, num, int(config.data.seed), edits.WorldConfig(size=int(config.data.size)))
+    world = edits.WorldConfig(size=int(config.data.size), edit_types=edit_types or edits.WorldConfig().edit_types)
+    source = pipeline.WorldSource(split, num, int(config.data.seed), world)
     dataset = pipeline.make_dataset(source, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
                                     drop_remainder=False)  # fmt: skip
     batches = [grpo.prepare_batch(model, batch) for batch in dataset]
@@ -57,15 +59,19 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--edit_types", default="", help="comma-separated edit types to draw (default: all)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    edit_types = tuple(name for name in args.edit_types.split(",") if name)
     rows = []
     for run in args.runs:
-        row = evaluate_run(run, args.split, args.num, args.batch_size)
+        row = evaluate_run(run, args.split, args.num, args.batch_size, edit_types)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:
         command = f"python benchmarks/cogniedit_eval.py --runs {' '.join(args.runs)} --num {args.num}"
+        if edit_types:
+            command += f" --edit_types {','.join(edit_types)}"
         pathlib.Path(args.out).write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
 
 
