@@ -5,7 +5,7 @@
 
 Each run's editor is rebuilt from its saved config and evaluated with ODE edits (its sampling settings, the same
 seeds for every run): verifier success overall and per edit type, preservation L1 and the mean world reward.
-`--edit_types remove,style` draws only those edit types (a larger sample of the types an RL curriculum trains on).
+`--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws only those edit types (a larger sample of the types an RL curriculum trains on).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pathlib
 import numpy as np
 
 
-def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: tuple[str, ...] = ()) -> dict:
+def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: tuple[str, ...] = (),
+                 guidance_scale: float | None = None, steps: int | None = None) -> dict:
     from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
@@ -30,7 +31,7 @@ def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: t
     dataset = pipeline.make_dataset(source, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
                                     drop_remainder=False)  # fmt: skip
     batches = [grpo.prepare_batch(model, batch) for batch in dataset]
-    settings = flow_edit.FlowSettings.from_config(config.sampling)
+    settings = flow_edit.FlowSettings.from_config(config.sampling, guidance_scale=guidance_scale, num_steps=steps)
     edit_fn = flow_edit.make_edit_fn(model, settings)
     rewards, successes, l1s, types = [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
@@ -46,6 +47,8 @@ def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: t
     return {
         "run": path,
         "step": editor.step,
+        "guidance_scale": settings.guidance_scale,
+        "num_steps": settings.num_steps,
         "verifier_success": float(success.mean()),
         "preservation_l1": float(np.nanmean(np.concatenate(l1s))),
         "mean_reward": float(np.concatenate(rewards).mean()),
@@ -60,18 +63,26 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--edit_types", default="", help="comma-separated edit types to draw (default: all)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[None],
+                        help="classifier-free guidance scales to evaluate (default: each run's config)")
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: each run's config)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     edit_types = tuple(name for name in args.edit_types.split(",") if name)
     rows = []
     for run in args.runs:
-        row = evaluate_run(run, args.split, args.num, args.batch_size, edit_types)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for guidance in args.guidance:
+            row = evaluate_run(run, args.split, args.num, args.batch_size, edit_types, guidance, args.steps)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.out:
         command = f"python benchmarks/cogniedit_eval.py --runs {' '.join(args.runs)} --num {args.num}"
         if edit_types:
             command += f" --edit_types {','.join(edit_types)}"
+        if args.guidance != [None]:
+            command += " --guidance " + " ".join(str(g) for g in args.guidance)
+        if args.steps is not None:
+            command += f" --steps {args.steps}"
         pathlib.Path(args.out).write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
 
 
