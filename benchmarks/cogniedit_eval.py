@@ -17,8 +17,15 @@ import pathlib
 import numpy as np
 
 
-def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: tuple[str, ...] = (),
-                 guidance_scale: float | None = None, steps: int | None = None) -> dict:
+def evaluate_run(
+    path: str,
+    split: str,
+    num: int,
+    batch_size: int,
+    edit_types: tuple[str, ...] = (),
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+) -> dict:
     from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
@@ -63,8 +70,13 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--edit_types", default="", help="comma-separated edit types to draw (default: all)")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[None],
-                        help="classifier-free guidance scales to evaluate (default: each run's config)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="classifier-free guidance scales to evaluate (default: each run's config)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: each run's config)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()

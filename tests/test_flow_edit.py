@@ -387,6 +387,16 @@ def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
     assert code == 2 and "no region_hold_threshold setting" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sft_run):
+    module_spec = importlib.util.spec_from_file_location("cogniedit_eval", "benchmarks/cogniedit_eval.py")
+    cogniedit_eval = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(cogniedit_eval)
+    row = cogniedit_eval.evaluate_run(str(sft_run / "sft"), "val", 4, 4, ("remove", "style"), 2.0, 2)
+    assert set(row["per_edit_type"]) <= {"remove", "style"} and row["per_edit_type"]
+    assert row["guidance_scale"] == 2.0 and row["num_steps"] == 2
+    assert 0.0 <= row["verifier_success"] <= 1.0
+
+
 def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
     # LoRA-only params, an on-policy ratio of 1, a world reward.
     for name in ("grpo", "dense_grpo"):
