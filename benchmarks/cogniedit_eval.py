@@ -5,7 +5,8 @@
 
 Each run's editor is rebuilt from its saved config and evaluated with ODE edits (its sampling settings, the same
 seeds for every run): verifier success overall and per edit type, preservation L1 and the mean world reward.
-`--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws only those edit types (a larger sample of the types an RL curriculum trains on).
+`--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws
+only those edit types (a larger sample of the types an RL curriculum trains on).
 """
 
 from __future__ import annotations
