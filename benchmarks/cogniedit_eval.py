@@ -18,32 +18,34 @@ import pathlib
 import numpy as np
 
 
-def evaluate_run(
-    path: str,
-    split: str,
-    num: int,
-    batch_size: int,
-    edit_types: tuple[str, ...] = (),
-    guidance_scale: float | None = None,
-    steps: int | None = None,
-) -> dict:
+def load_run(path: str, split: str, num: int, batch_size: int, edit_types: str = ""):
+    """The run's editor and the prepared held-out batches (`edit_types`: `data.edit_types` syntax, "" = all)."""
     from editing_jax import inference
     from editing_jax.data import pipeline
     from editing_jax.data.world import edits
-    from editing_jax.methods import editmgt, flow_edit, grpo
+    from editing_jax.methods import grpo
+    from editing_jax.train import data
 
     editor = inference.load_editor(path)  # a GRPO run: its SFT base joined with the adapters and token focus
-    config, model, params = editor.config, editor.model, editor.params
-    world = edits.WorldConfig(size=int(config.data.size), edit_types=edit_types or edits.WorldConfig().edit_types)
-    source = pipeline.WorldSource(split, num, int(config.data.seed), world)
+    world = edits.WorldConfig(size=int(editor.config.data.size),
+                              edit_types=data.world_edit_types({"edit_types": edit_types}))  # fmt: skip
+    source = pipeline.WorldSource(split, num, int(editor.config.data.seed), world)
     dataset = pipeline.make_dataset(source, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
                                     drop_remainder=False)  # fmt: skip
-    batches = [grpo.prepare_batch(model, batch) for batch in dataset]
-    settings = flow_edit.FlowSettings.from_config(config.sampling, guidance_scale=guidance_scale, num_steps=steps)
-    edit_fn = flow_edit.make_edit_fn(model, settings)
+    return editor, [grpo.prepare_batch(editor.model, batch) for batch in dataset]
+
+
+def score_run(path: str, editor, batches: list[dict], guidance_scale: float | None = None,
+              steps: int | None = None) -> dict:  # fmt: skip
+    """ODE edits of `batches` at the run's sampling settings (or the given guidance / steps), scored."""
+    from editing_jax.methods import editmgt, flow_edit, grpo
+
+    settings = flow_edit.FlowSettings.from_config(editor.config.sampling, guidance_scale=guidance_scale,
+                                                  num_steps=steps)  # fmt: skip
+    edit_fn = flow_edit.make_edit_fn(editor.model, settings)
     rewards, successes, l1s, types = [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
-        out = editmgt.run_edits(edit_fn, params, editor.model_state, batch, settings, seed=index)
+        out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index)
         scores = grpo.host_world_reward(batch["source_image"], out["images"], batch["source_scene_bytes"],
                                         batch["target_scene_bytes"], batch["edit_mask"])  # fmt: skip
         verified = editmgt.score_edits(out, batch)
@@ -64,13 +66,20 @@ def evaluate_run(
     }
 
 
+def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: str = "",
+                 guidance_scale: float | None = None, steps: int | None = None) -> dict:  # fmt: skip
+    """`score_run` of `load_run`."""
+    editor, batches = load_run(path, split, num, batch_size, edit_types)
+    return score_run(path, editor, batches, guidance_scale, steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--edit_types", default="", help="comma-separated edit types to draw (default: all)")
+    parser.add_argument("--edit_types", default="", help="edit types to draw, data.edit_types syntax (default: all)")
     parser.add_argument(
         "--guidance",
         type=float,
@@ -81,17 +90,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: each run's config)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    edit_types = tuple(name for name in args.edit_types.split(",") if name)
     rows = []
     for run in args.runs:
+        editor, batches = load_run(run, args.split, args.num, args.batch_size, args.edit_types)
         for guidance in args.guidance:
-            row = evaluate_run(run, args.split, args.num, args.batch_size, edit_types, guidance, args.steps)
+            row = score_run(run, editor, batches, guidance, args.steps)
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:
         command = f"python benchmarks/cogniedit_eval.py --runs {' '.join(args.runs)} --num {args.num}"
-        if edit_types:
-            command += f" --edit_types {','.join(edit_types)}"
+        if args.edit_types:
+            command += f" --edit_types {args.edit_types}"
         if args.guidance != [None]:
             command += " --guidance " + " ".join(str(g) for g in args.guidance)
         if args.steps is not None:

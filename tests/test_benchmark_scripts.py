@@ -1,7 +1,5 @@
 """Measurement helpers of benchmarks/ scripts whose numbers go into docs/RESULTS.md."""
 
-import importlib.util
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,17 +14,11 @@ from editing_jax.models.autoencoder import AutoencoderKL
 from editing_jax.models.flow_dit import FlowDiT
 from editing_jax.text.encoder import TextEncoder
 from editing_jax.text.tokenizer import WordTokenizer
-
-
-def _load(name: str):
-    module_spec = importlib.util.spec_from_file_location(name, f"benchmarks/{name}.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_changed_pixel_colors_sorts_changed_pixels_by_the_output_color():
-    failure_breakdown = _load("failure_breakdown")
+    failure_breakdown = load_benchmark("failure_breakdown")
     white, red, blue, green = (np.asarray(c, np.uint8) for c in ((255, 255, 255), spec.OBJECT_COLORS["red"],
                                                                   spec.OBJECT_COLORS["blue"], spec.OBJECT_COLORS["green"]))  # fmt: skip
     source = np.broadcast_to(white, (4, 4, 3)).copy()
@@ -44,7 +36,7 @@ def test_changed_pixel_colors_sorts_changed_pixels_by_the_output_color():
 
 
 def test_role_probe_decodes_only_what_the_features_hold():
-    probe = _load("text_color_probe")
+    probe = load_benchmark("text_color_probe")
     rng = np.random.default_rng(0)
     labels, other = rng.integers(0, 8, 600), rng.integers(0, 8, 600)
     features = np.concatenate([np.eye(8)[labels] * 0.1, rng.normal(size=(600, 4))], axis=1)  # [600, 12]
@@ -55,7 +47,7 @@ def test_role_probe_decodes_only_what_the_features_hold():
 
 
 def test_hold_map_probe_counts_tokens_that_must_change_and_must_keep():
-    probe = _load("hold_map_probe")
+    probe = load_benchmark("hold_map_probe")
     target_changed = np.asarray([[[True, True], [False, False]]])  # [1, 2, 2]
     hold_map = np.asarray([[[0.9, 0.7], [0.2, 0.6]]])
     output_changed = np.asarray([[[True, False], [False, True]]])
@@ -70,7 +62,7 @@ def test_hold_map_probe_counts_tokens_that_must_change_and_must_keep():
 
 
 def test_grounding_sorts_objects_into_referent_distractor_and_unrelated():
-    grounding = _load("mgt_grounding")
+    grounding = load_benchmark("mgt_grounding")
     red_circle = spec.SceneObject(cell="top-left", kind="circle", color="red", size="large", style="filled")
     red_square = spec.SceneObject(cell="center", kind="square", color="red", size="small", style="filled")
     blue_circle = spec.SceneObject(cell="bottom", kind="circle", color="blue", size="small", style="outline")
@@ -111,7 +103,7 @@ def _tiny_flow_editor(image_size: int, text_cross_source: bool = False) -> infer
 
 @pytest.mark.parametrize("text_cross_source", [False, True])
 def test_flow_gate_is_the_last_text_cross_gate_on_the_target_tokens_at_t_1(text_cross_source):
-    grounding = _load("mgt_grounding")
+    grounding = load_benchmark("mgt_grounding")
     editor = _tiny_flow_editor(8, text_cross_source)
     model, params, state = editor.model, editor.params, editor.model_state
     source = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8))
@@ -140,7 +132,7 @@ def test_flow_gate_is_the_last_text_cross_gate_on_the_target_tokens_at_t_1(text_
 
 def test_flow_grounding_reports_the_gate_per_role_and_no_changed_tokens(monkeypatch):
     monkeypatch.syspath_prepend("benchmarks")  # its sibling failure_breakdown, as when run as a script
-    grounding = _load("mgt_grounding")
+    grounding = load_benchmark("mgt_grounding")
     editor = _tiny_flow_editor(32)
     assert grounding.has_text_gate(editor)
     report = grounding.flow_grounding(editor, "test", 24, batch_size=8)

@@ -1,7 +1,6 @@
 """Tests for the flow editor (CogniEdit's SFT base): flow-matching loss, the one-jit edit, config plumbing, CLI runs."""
 
 import dataclasses
-import importlib.util
 import json
 import types
 
@@ -22,6 +21,7 @@ from editing_jax.sampling import flow
 from editing_jax.text.encoder import TextEncoder
 from editing_jax.text.tokenizer import WordTokenizer
 from editing_jax.train import checkpoint
+from tests.helpers import load_benchmark
 
 VOCAB = ("make", "the", "red", "blue", "circle", "a")
 
@@ -388,10 +388,8 @@ def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
 
 
 def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sft_run):
-    module_spec = importlib.util.spec_from_file_location("cogniedit_eval", "benchmarks/cogniedit_eval.py")
-    cogniedit_eval = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(cogniedit_eval)
-    row = cogniedit_eval.evaluate_run(str(sft_run / "sft"), "val", 4, 4, ("remove", "style"), 2.0, 2)
+    cogniedit_eval = load_benchmark("cogniedit_eval")
+    row = cogniedit_eval.evaluate_run(str(sft_run / "sft"), "val", 4, 4, "remove,style", 2.0, 2)
     assert set(row["per_edit_type"]) <= {"remove", "style"} and row["per_edit_type"]
     assert row["guidance_scale"] == 2.0 and row["num_steps"] == 2
     assert 0.0 <= row["verifier_success"] <= 1.0
@@ -434,9 +432,7 @@ def test_dense_grpo_with_token_focus_trains_and_edits(sft_run, tmp_path, capsys)
     assert 0.0 <= json.loads(out)["results"]["plain"]["verifier_success"] <= 1.0
 
     # The Fig. 7 analysis script: one row per focus layer, windows inside the real text.
-    spec = importlib.util.spec_from_file_location("token_focus_analysis", "benchmarks/token_focus_analysis.py")
-    analysis = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analysis)
+    analysis = load_benchmark("token_focus_analysis")
     result = analysis.analyze(str(workdir), "val", 4, 4, [0.5])
     assert [row["layer"] for row in result["layers"]] == [0, 1]
     for row in result["layers"]:
