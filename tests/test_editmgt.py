@@ -945,6 +945,18 @@ def test_every_editmgt_variant_maps_attention_layers_inside_its_blocks(stage, ar
         assert (config.model.num_layers, config.model.num_single_layers, config.model.num_heads) == (1, 1, 2)
 
 
+def test_the_long_variant_is_the_measured_grounded_quick_recipe():
+    long = config_lib.load_config("configs/editmgt/edit.py:size=32,long").to_dict()
+    quick = config_lib.load_config("configs/editmgt/edit.py:size=32,quick").to_dict()
+    quick["model"].update(text_cross_source=True, text_code_score=True)
+    quick["text"]["gate_encoder"] = True
+    quick["train"]["num_steps"] = 9400
+    assert long == quick  # The runs of docs/RESULTS.md, "The grounded model at 9,400 steps".
+    for bad in ("configs/editmgt/t2i.py:size=32,long", "configs/editmgt/edit.py:size=32,long,tiny"):
+        with pytest.raises(config_lib.ConfigError, match="long"):
+            config_lib.load_config(bad)
+
+
 def test_a_frozen_text_encoder_gets_no_gradient_and_the_loss_is_unchanged():
     model, params, state, device_batch = _loss_setup(text_cross=True)
     rng = jax.random.key(3)
