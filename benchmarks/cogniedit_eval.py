@@ -63,6 +63,8 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
         "preservation_l1": float(np.nanmean(np.concatenate(l1s))),
         "mean_reward": float(np.concatenate(rewards).mean()),
         "per_edit_type": {t: float(success[types == t].mean()) for t in sorted(set(types.tolist()))},
+        "per_example_success": success.astype(int).tolist(),  # for `editing-jax compare FILE#ROW`
+        "per_example_edit_type": types.tolist(),
     }
 
 
@@ -95,7 +97,7 @@ def main() -> None:
         editor, batches = load_run(run, args.split, args.num, args.batch_size, args.edit_types)
         for guidance in args.guidance:
             row = score_run(run, editor, batches, guidance, args.steps)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("per_example")}), flush=True)
             rows.append(row)
     if args.out:
         command = f"python benchmarks/cogniedit_eval.py --runs {' '.join(args.runs)} --num {args.num}"

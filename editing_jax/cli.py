@@ -33,7 +33,7 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from editing_jax import inference
+    from editing_jax import compare, inference
     from editing_jax.data import image_io, manifest
     from editing_jax.train import checkpoint
 
@@ -44,6 +44,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         manifest.ManifestError,
         checkpoint.CheckpointError,
         inference.EditorError,
+        compare.CompareError,
     )
 
 
@@ -265,6 +266,19 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps({"out": args.out, "results": summary}, sort_keys=True))
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from editing_jax import compare
+
+    a = compare.load_outcomes(args.a, args.setting)
+    b = compare.load_outcomes(args.b, args.setting_b or args.setting)
+    result = compare.compare(a, b)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"A = {args.a}, B = {args.b}")
+        print(compare.format_table(result, "A", "B"))
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from editing_jax import quickstart
 
@@ -370,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the full results JSON here")
     _add_sampling_flags(evaluate)
     evaluate.set_defaults(handler=_cmd_eval)
+
+    comp = commands.add_parser(
+        "compare", help="paired exact test of two evaluations on the same examples (eval reports, FILE#ROW rows)"
+    )
+    comp.add_argument("a", help="`editing-jax eval --out` JSON, or a benchmarks/cogniedit_eval.py JSON as FILE#ROW")
+    comp.add_argument("b", help="the same for the other editor")
+    comp.add_argument("--setting", default="plain", help="eval report setting: plain or hold (default plain)")
+    comp.add_argument("--setting_b", default=None, help="B's setting when it differs (e.g. plain vs hold)")
+    comp.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
+    comp.set_defaults(handler=_cmd_compare)
 
     quick = commands.add_parser("quickstart", help="world -> VQ -> EditMGT -> held-out eval, on CPU in minutes")
     quick.add_argument("--workdir", required=True, help="everything goes here; an interrupted run resumes")

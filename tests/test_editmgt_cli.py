@@ -93,6 +93,19 @@ def test_eval_reports_per_edit_type(editor_run, tmp_path, capsys):
     assert plain["num_examples"] == 6 and plain["region_hold_threshold"] == 0.0
     assert sum(v["num_examples"] for v in plain["per_edit_type"].values()) == 6
     assert json.loads(stdout)["results"]["hold"]["verifier_success"] == report["results"]["hold"]["verifier_success"]
+    assert len(plain["per_example_success"]) == 6 and np.mean(plain["per_example_success"]) == plain["verifier_success"]
+    per_type = {t: plain["per_example_edit_type"].count(t) for t in plain["per_edit_type"]}
+    assert per_type == {t: v["num_examples"] for t, v in plain["per_edit_type"].items()}
+
+    code, stdout, err = _run(capsys, "compare", str(out), str(out), "--setting", "plain", "--setting_b", "hold")
+    assert code == 0, err
+    assert "| **all** | 6 |" in stdout
+    other = tmp_path / "other.json"
+    code, _, err = _run(capsys, "eval", "--checkpoint", str(editor_run / "mgt"), "--split", "test", "--num", "4",
+                        "--out", str(other), "--steps", "2")  # fmt: skip
+    assert code == 0, err
+    code, _, err = _run(capsys, "compare", str(out), str(other))
+    assert code == 2 and "not on the same examples" in err
 
 
 def test_eval_decoding_flags_reach_the_sampler_and_lambda_zero_runs_no_hold_pass(editor_run, tmp_path, capsys):

@@ -680,7 +680,8 @@ def evaluate_batches(
     seed: int = 0,
     progress=None,
 ) -> dict[str, Any]:
-    """Verifier success (overall and per edit type) and preservation L1 for each named region-hold threshold."""
+    """Verifier success (overall, per edit type and per example) and preservation L1 for each named region-hold
+    threshold."""
     per_setting: dict[str, dict[str, list]] = {name: {"success": [], "l1": [], "type": []} for name in thresholds}
     for index, batch in enumerate(batches):
         for name, lam in thresholds.items():
@@ -700,6 +701,8 @@ def evaluate_batches(
             "num_examples": int(success.size),
             "verifier_success": float(success.mean()) if success.size else math.nan,
             "preservation_l1": float(np.nanmean(l1)) if l1.size else math.nan,
+            "per_example_success": success.astype(int).tolist(),  # in split order, for `editing-jax compare`
+            "per_example_edit_type": types.tolist(),
             "per_edit_type": {
                 edit_type: {
                     "verifier_success": float(success[types == edit_type].mean()),

@@ -426,6 +426,7 @@ def evaluate_batches(edit_fn, params, model_state, batches: Iterable[Batch], set
 
     Returns:
         {'num_examples', 'verifier_success', 'preservation_l1' (mean L1 to the source outside the edit mask),
+        'per_example_success', 'per_example_edit_type' (lists in batch order),
         'per_edit_type': {type: {'verifier_success', 'preservation_l1', 'num_examples'}}}.
     """
     results = editmgt.evaluate_batches(edit_fn, params, model_state, batches, settings, thresholds={"plain": 0.0},
