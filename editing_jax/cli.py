@@ -269,8 +269,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from editing_jax import compare
 
-    a = compare.load_outcomes(args.a, args.setting)
-    b = compare.load_outcomes(args.b, args.setting_b or args.setting)
+    a = compare.load_pooled(args.a, args.setting)
+    b = compare.load_pooled(args.b, args.setting_b or args.setting)
     result = compare.compare(a, b)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -388,7 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp = commands.add_parser(
         "compare", help="paired exact test of two evaluations on the same examples (eval reports, FILE#ROW rows)"
     )
-    comp.add_argument("a", help="`editing-jax eval --out` JSON, or a benchmarks/cogniedit_eval.py JSON as FILE#ROW")
+    comp.add_argument(
+        "a",
+        help="`editing-jax eval --out` JSON, or a benchmarks/cogniedit_eval.py JSON as FILE#ROW; comma-separated "
+        "seeds pool (paired in order with B's)",
+    )
     comp.add_argument("b", help="the same for the other editor")
     comp.add_argument("--setting", default="plain", help="eval report setting: plain or hold (default plain)")
     comp.add_argument("--setting_b", default=None, help="B's setting when it differs (e.g. plain vs hold)")

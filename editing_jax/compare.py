@@ -7,7 +7,9 @@ examples go one way; the test says which.
 
 An outcome record is `{'success': bool [N], 'edit_type': str [N]}` read from an `editing-jax eval` report
 (`results.<setting>.per_example_success` / `per_example_edit_type`) or from a row of
-`benchmarks/cogniedit_eval.py` (`FILE#ROW`, default row 0).
+`benchmarks/cogniedit_eval.py` (`FILE#ROW`, default row 0). Several seeds of each editor (`A1,A2 B1,B2`, paired in
+order) pool their examples: each seed's pair is a stratum of the same test, and under "no difference" every
+discordant example of every stratum is still a fair coin.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ def load_outcomes(spec: str, setting: str = "plain") -> dict[str, np.ndarray]:
     if success.shape != edit_type.shape:
         raise CompareError(f"{spec}: {success.size} outcomes but {edit_type.size} edit types")
     return {"success": success, "edit_type": edit_type}
+
+
+def load_pooled(specs: str, setting: str = "plain") -> dict[str, np.ndarray]:
+    """`load_outcomes` of each comma-separated spec, concatenated in order."""
+    records = [load_outcomes(spec, setting) for spec in specs.split(",") if spec]
+    if not records:
+        raise CompareError("no evaluation given")
+    return {key: np.concatenate([r[key] for r in records]) for key in ("success", "edit_type")}
 
 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:

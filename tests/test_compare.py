@@ -62,3 +62,21 @@ def test_load_outcomes_reads_eval_reports_and_benchmark_rows(tmp_path):
         compare.load_outcomes(f"{rows}#5")
     with pytest.raises(compare.CompareError, match="cannot read"):
         compare.load_outcomes(str(tmp_path / "missing.json"))
+
+
+def test_pooled_seeds_concatenate_in_order_and_sum_the_discordant_counts(tmp_path):
+    def write(name, success):
+        path = tmp_path / name
+        path.write_text(json.dumps({"results": {"plain": {"per_example_success": success,
+                                                          "per_example_edit_type": ["add", "color"]}}}))  # fmt: skip
+        return str(path)
+
+    a = compare.load_pooled(f"{write('a0', [1, 0])},{write('a1', [1, 1])}")
+    b = compare.load_pooled(f"{write('b0', [0, 0])},{write('b1', [0, 1])}")
+    assert a["success"].tolist() == [True, False, True, True]
+    assert a["edit_type"].tolist() == ["add", "color", "add", "color"]
+    result = compare.compare(a, b)
+    assert (result["only_a"], result["only_b"]) == (2, 0)
+    assert result["per_edit_type"]["add"]["only_a"] == 2
+    with pytest.raises(compare.CompareError, match="no evaluation"):
+        compare.load_pooled(",")
