@@ -46,8 +46,10 @@ def load_outcomes(spec: str, setting: str = "plain") -> dict[str, np.ndarray]:
         raise CompareError(f"cannot read {path}: {error}") from error
     if "rows" in report:
         rows = report["rows"]
+        if row and not row.isdigit():
+            raise CompareError(f"{spec}: the row after '#' must be a number")
         index = int(row or 0)
-        if not 0 <= index < len(rows):
+        if index >= len(rows):
             raise CompareError(f"{path} has {len(rows)} rows, asked for row {index}")
         record = rows[index]
     elif "results" in report:

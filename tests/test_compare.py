@@ -58,6 +58,8 @@ def test_load_outcomes_reads_eval_reports_and_benchmark_rows(tmp_path):
     assert compare.load_outcomes(f"{rows}#1")["edit_type"].tolist() == ["add", "color"]
     with pytest.raises(compare.CompareError, match="no per-example outcomes"):
         compare.load_outcomes(str(rows))
+    with pytest.raises(compare.CompareError, match="must be a number"):
+        compare.load_outcomes(f"{rows}#first")
     with pytest.raises(compare.CompareError, match="asked for row 5"):
         compare.load_outcomes(f"{rows}#5")
     with pytest.raises(compare.CompareError, match="cannot read"):
