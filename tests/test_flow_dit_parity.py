@@ -31,6 +31,7 @@ from editing_jax.models.flow_dit import (  # noqa: E402
     unpack_latents,
     zero_lora,
 )
+from tests.helpers.parity import relative_error  # noqa: E402
 
 HEADS, HEAD_DIM, AXES_DIMS = 2, 16, (4, 6, 6)
 LATENT_CHANNELS, IN_CHANNELS, TEXT_DIM, POOLED_DIM = 4, 16, 32, 16
@@ -47,11 +48,6 @@ TORCH_CONFIG = dict(
     axes_dims_rope=AXES_DIMS,
 )
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "to_add_out", "proj", "net_2", "proj_mlp")
-
-
-def _relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def _randomize(module):
@@ -191,7 +187,7 @@ def test_matches_diffusers(world, guidance, ref):
     reference = _torch_forward(world, guidance=guidance, ref=ref)
     ours = _forward(_model(guidance), world["params"][guidance], world, guidance=guidance, ref=ref)
     assert ours.shape == reference.shape == (BATCH, (LATENT_SIZE // 2) ** 2, IN_CHANNELS)
-    error = _relative_error(ours, reference)
+    error = relative_error(ours, reference)
     assert error <= 1e-5, error
 
 
@@ -252,7 +248,7 @@ def test_lora_merge_zero_and_mask(world):
     merged = merge_lora(params, lora_alpha=8.0, lora_rank=4)
     assert jax.tree.map(np.shape, merged) == jax.tree.map(np.shape, base)
     merged_out = _forward(plain_model, merged, world, guidance=False, ref=True)
-    assert _relative_error(merged_out, adapted) <= 1e-5
+    assert relative_error(merged_out, adapted) <= 1e-5
     disabled = _forward(model, zero_lora(params), world, guidance=False, ref=True)
     np.testing.assert_allclose(disabled, base_out, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="lora_rank"):

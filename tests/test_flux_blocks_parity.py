@@ -23,16 +23,12 @@ from diffusers.models.transformers.transformer_flux import (  # noqa: E402
 from editing_jax.convert.flux_blocks import load_safetensors_block, torch_state_dict_to_flax  # noqa: E402
 from editing_jax.nn.attention import apply_rope, dot_product_attention, rope_frequencies  # noqa: E402
 from editing_jax.nn.transformer import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
+from tests.helpers.parity import relative_error  # noqa: E402
 
 DIM, HEADS, HEAD_DIM = 64, 4, 16
 AXES_DIMS = (4, 6, 6)
 BATCH, TEXT_LEN, IMAGE_LEN, COND_LEN = 2, 5, 12, 6
 BLOCKS = {"double": DoubleStreamBlock, "single": SingleStreamBlock}
-
-
-def _relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def _randomize(module):
@@ -115,7 +111,7 @@ def test_rope_matches_flux_pos_embed(world):
 
     x = np.random.default_rng(1).standard_normal((BATCH, len(ids), HEADS, HEAD_DIM)).astype(np.float32)
     reference = apply_rotary_emb(torch.from_numpy(x), (torch.from_numpy(cos), torch.from_numpy(sin)), sequence_dim=1)
-    assert _relative_error(apply_rope(jnp.asarray(x), cos, sin), reference.numpy()) <= 1e-6
+    assert relative_error(apply_rope(jnp.asarray(x), cos, sin), reference.numpy()) <= 1e-6
 
 
 def test_double_block_matches_diffusers(world):
@@ -130,8 +126,8 @@ def test_double_block_matches_diffusers(world):
     image, text, cond = _apply("double", world["params"]["double"], world)
     assert cond is None
     assert image.shape == (BATCH, IMAGE_LEN, DIM) and text.shape == (BATCH, TEXT_LEN, DIM)
-    assert _relative_error(image, image_ref.numpy()) <= 1e-5
-    assert _relative_error(text, text_ref.numpy()) <= 1e-5
+    assert relative_error(image, image_ref.numpy()) <= 1e-5
+    assert relative_error(text, text_ref.numpy()) <= 1e-5
 
 
 def test_single_block_matches_diffusers(world):
@@ -144,8 +140,8 @@ def test_single_block_matches_diffusers(world):
             image_rotary_emb=(cos, sin),
         )
     image, text, _ = _apply("single", world["params"]["single"], world)
-    assert _relative_error(image, image_ref.numpy()) <= 1e-5
-    assert _relative_error(text, text_ref.numpy()) <= 1e-5
+    assert relative_error(image, image_ref.numpy()) <= 1e-5
+    assert relative_error(text, text_ref.numpy()) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["double", "single"])

@@ -28,16 +28,11 @@ from editing_jax.convert import uvit as convert  # noqa: E402
 from editing_jax.convert.conv_trunk import check_tree  # noqa: E402
 from editing_jax.models.mgt import MaskedGenerativeTransformer  # noqa: E402
 from editing_jax.nn import uvit  # noqa: E402
+from tests.helpers.parity import relative_error  # noqa: E402
 
 EPS = 1e-6
 VOCAB, EMBED, WIDTH, CODEBOOK = 37, 24, 32, 29
 TOLERANCE = 1e-5
-
-
-def _relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def _randomize(module: torch.nn.Module) -> torch.nn.Module:
@@ -106,7 +101,7 @@ def test_conv_embed_matches_diffusers(bias):
         expected = _nchw_to_nhwc(reference(ids))  # [B, H, W, D]
     params = convert.conv_embed_from_torch(_state_dict(reference))
     ours = uvit.ConvEmbed(VOCAB, EMBED, WIDTH, use_bias=bias).apply({"params": params}, ids.numpy())
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -119,7 +114,7 @@ def test_conv_mlm_layer_matches_diffusers(bias):
         expected = _nchw_to_nhwc(reference(x))  # [B, H, W, V]
     params = convert.conv_mlm_layer_from_torch(_state_dict(reference))
     ours = uvit.ConvMlmLayer(EMBED, CODEBOOK, use_bias=bias).apply({"params": params}, _nchw_to_nhwc(x))
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -131,7 +126,7 @@ def test_downsample_matches_diffusers(bias, size):
         expected = _nchw_to_nhwc(reference(x))  # [B, ceil(H/2), ceil(W/2), C]
     params = convert.downsample_from_torch(_state_dict(reference))
     ours = uvit.Downsample(use_bias=bias).apply({"params": params}, _nchw_to_nhwc(x))
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -143,7 +138,7 @@ def test_upsample_matches_diffusers(bias):
     params = convert.upsample_from_torch(_state_dict(reference))
     assert params["kernel"].shape == (WIDTH, 2, 2, WIDTH)
     ours = uvit.Upsample(use_bias=bias).apply({"params": params}, _nchw_to_nhwc(x))
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 def test_converted_trees_match_our_init_structure():
@@ -187,7 +182,7 @@ def test_non_affine_norm_converts_to_unit_scale():
     params = convert.conv_embed_from_torch(_state_dict(reference))
     np.testing.assert_array_equal(params["layer_norm"]["scale"], np.ones(EMBED, np.float32))
     ours = uvit.ConvEmbed(VOCAB, EMBED, WIDTH).apply({"params": params}, ids.numpy())
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 def test_mgt_helper_reads_meissonic_layout_and_remaps_the_mask_row():
@@ -217,7 +212,7 @@ def test_mgt_helper_reads_meissonic_layout_and_remaps_the_mask_row():
         expected = _nchw_to_nhwc(parts["embed"](ids))
     ours_ids = np.where(ids.numpy() == vocab - 1, CODEBOOK, ids.numpy())
     ours = uvit.ConvEmbed(CODEBOOK + 1, WIDTH, WIDTH).apply({"params": tree["embed"]}, ours_ids)
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
     # The subtrees drop into our MGT: same names and shapes as its init.
     mgt = MaskedGenerativeTransformer(

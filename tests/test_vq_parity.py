@@ -28,6 +28,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from editing_jax.convert import vq as convert  # noqa: E402
 from editing_jax.models.vq import VQModel  # noqa: E402
+from tests.helpers.parity import relative_error  # noqa: E402
 
 TOLERANCE = 1e-5
 BATCH, SIZE = 2, 16
@@ -41,12 +42,6 @@ CONFIGS = {
         code_dim=6, mid_block_attention=False,
     ),
 }  # fmt: skip
-
-
-def _relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 def _nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:
@@ -95,7 +90,7 @@ def test_encoder_and_quant_conv_match(pair):
     with torch.no_grad():
         expected = _nchw_to_nhwc(reference.encode(images).latents)  # [B, h, w, D]
     ours = model.apply(variables, images_nhwc, method=VQModel.encode_continuous)
-    assert _relative_error(ours, expected) <= TOLERANCE
+    assert relative_error(ours, expected) <= TOLERANCE
 
 
 def test_token_indices_are_identical(pair):
@@ -118,7 +113,7 @@ def test_decode_from_indices_matches(pair):
             torch.from_numpy(indices), force_not_quantize=True, shape=(BATCH, grid, grid, model.code_dim)
         ).sample
     ours = model.apply(variables, indices, method=VQModel.decode_indices)
-    assert _relative_error(ours, _nchw_to_nhwc(expected)) <= TOLERANCE
+    assert relative_error(ours, _nchw_to_nhwc(expected)) <= TOLERANCE
 
 
 def test_full_reconstruction_matches(pair):
@@ -126,7 +121,7 @@ def test_full_reconstruction_matches(pair):
     with torch.no_grad():
         output = reference(images)
     recon, aux = model.apply(variables, images_nhwc)
-    assert _relative_error(recon, _nchw_to_nhwc(output.sample)) <= TOLERANCE
+    assert relative_error(recon, _nchw_to_nhwc(output.sample)) <= TOLERANCE
     # Same squared error under different loss definitions (see the module docstring).
     beta = model.commitment_weight
     np.testing.assert_allclose(float(aux["commitment_loss"]) / beta, float(output.commit_loss) / (1 + beta), rtol=1e-5)
