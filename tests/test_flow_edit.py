@@ -292,6 +292,41 @@ def test_edit_is_the_ode_sample_of_the_model(tiny_flow):
     assert not np.allclose(with_cfg["latents"], out["latents"], atol=1e-3)
 
 
+def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(tiny_flow):
+    from editing_jax.methods import grpo
+
+    model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(lora_rank=2))
+    batch = {
+        **tiny_flow.arrays,
+        "edit_mask": jnp.zeros((2, 8, 8), bool),
+        "source_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
+        "target_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
+    }
+    outcomes = {"scores": None}  # (reward, success) per sample, rows grouped as [B, G] = [2, 2]
+
+    def fake_reward(*_):
+        return outcomes["scores"]
+
+    def policy_gradient(settings):
+        objective = grpo.make_objective(model, tiny_flow.params, tiny_flow.state, settings,
+                                        flow_edit.FlowSettings(num_steps=2), reward_fn=fake_reward)  # fmt: skip
+        variables = objective.init(jax.random.key(0), batch)
+        state = {k: v for k, v in variables.items() if k != "params"}
+        grad_fn = jax.jit(jax.grad(lambda p: objective.loss(p, state, batch, jax.random.key(1))[0]))
+        return lambda: float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grad_fn(variables["params"]))))
+
+    common = dict(algorithm="grpo", group_size=2, window=1, num_steps=2, advantage="group", kl_beta=0.0)
+    mixed, every = (
+        policy_gradient(grpo.GRPOSettings(**common, mixed_only=True)),
+        policy_gradient(grpo.GRPOSettings(**common)),
+    )
+    one_outcome_per_group = np.array([[9, 1], [8, 1], [3, 0], [4, 0]], np.float32)
+    outcomes["scores"] = one_outcome_per_group
+    assert mixed() == 0.0 and every() > 0.0  # the rewards differ, the outcomes do not
+    outcomes["scores"] = np.array([[9, 1], [8, 0], [3, 0], [4, 0]], np.float32)
+    assert mixed() > 0.0
+
+
 def test_sample_times():
     rng = jax.random.key(0)
     logit_normal = np.asarray(flow_edit.sample_times(rng, 20000, "logit_normal"))

@@ -34,6 +34,23 @@ def test_success_bonus_ranks_a_success_above_more_partial_credit():
         grpo.GRPOSettings(success_bonus=-1.0)
 
 
+def test_mixed_outcome_groups_alone_get_advantages_with_statistics_over_them():
+    success = jnp.asarray([[1, 0, 0], [1, 1, 1], [0, 0, 0], [0, 1, 1]], jnp.float32)
+    keep = np.asarray(grpo.mixed_outcome_mask(success))
+    np.testing.assert_array_equal(keep, [[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1]])
+    rewards = np.array([[9.0, 4.0, 2.0], [14.0, 13.0, 15.0], [1.0, 2.0, 3.0], [5.0, 10.0, 12.0]], np.float32)
+    batch = np.asarray(grpo.compute_advantages(jnp.asarray(rewards), "batch", clip=100.0, eps=0.0, keep=keep))
+    kept = rewards[[0, 3]]
+    np.testing.assert_allclose(batch[[0, 3]], (kept - kept.mean()) / kept.std(), rtol=1e-5)
+    np.testing.assert_array_equal(batch[[1, 2]], 0.0)
+    group = np.asarray(grpo.compute_advantages(jnp.asarray(rewards), "group", clip=100.0, eps=0.0, keep=keep))
+    np.testing.assert_allclose(group[[0, 3]], (kept - kept.mean(1, keepdims=True)) / kept.std(1, keepdims=True),
+                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_array_equal(group[[1, 2]], 0.0)
+    nothing_kept = grpo.compute_advantages(jnp.asarray(rewards), "batch", keep=np.zeros_like(keep))
+    np.testing.assert_array_equal(np.asarray(nothing_kept), 0.0)  # finite: no division by zero
+
+
 @pytest.mark.parametrize("surrogate", ["ppo", "dense"])
 def test_surrogates_clip_the_gradient_only_beyond_the_trust_region(surrogate):
     fn = grpo.ppo_surrogate if surrogate == "ppo" else grpo.dense_surrogate

@@ -8,7 +8,10 @@ Each train step is on-policy and self-contained:
      consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays.
   3. Advantages over the whole batch: A = clip((R - mean) / (std + eps), -c, c) with mean and std over all B x G
      rewards (CogniEdit's batch-level statistics, vs Flow-GRPO's per-prompt groups: `advantage='group'`);
-     with `success_bonus` > 0, verifier successes get that bonus before the standardization (`advantage_rewards`).
+     with `success_bonus` > 0, verifier successes get that bonus before the standardization (`advantage_rewards`);
+     with `mixed_only`, only groups whose verifier outcomes differ (some of the G samples succeed, some fail) get
+     advantages, their statistics are taken over those groups alone, and the policy loss is averaged over their
+     samples (`mixed_outcome_mask`; DAPO's dynamic-sampling filter without the resampling).
   4. Policy loss on the window, averaged over the B x G samples:
      * 'grpo' (Flow-GRPO): teacher-forced per-step ratios rho_i = p_theta(x_{i+1} | x_i) / p_old(...) with the PPO
        clip, loss = mean_i max(-A rho_i, -A clip(rho_i, 1 - eps, 1 + eps));
@@ -68,6 +71,7 @@ class GRPOSettings:
     kl_beta: float = 0.01
     remat: bool = True
     success_bonus: float = 0.0
+    mixed_only: bool = False
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -85,14 +89,30 @@ class GRPOSettings:
 # ---- advantages and surrogate losses (pure, tested against NumPy) ----------------------------------------------
 
 
-def compute_advantages(rewards: jax.Array, mode: str = "batch", clip: float = 5.0, eps: float = 1e-6) -> jax.Array:
-    """rewards `[B, G]` -> advantages `[B, G]`: standardized over all B x G ('batch') or per row ('group')."""
+def compute_advantages(rewards: jax.Array, mode: str = "batch", clip: float = 5.0, eps: float = 1e-6,
+                       keep: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """rewards `[B, G]` -> advantages `[B, G]`: standardized over all B x G ('batch') or per row ('group').
+
+    `keep` `[B, G]` (0/1): the statistics are over the kept rewards only and the others get advantage 0.
+    """
     axes = None if mode == "batch" else -1
     if mode not in ADVANTAGES:
         raise ValueError(f"advantage must be one of {ADVANTAGES}, got {mode!r}")
-    mean = jnp.mean(rewards, axis=axes, keepdims=True)
-    std = jnp.std(rewards, axis=axes, keepdims=True)
-    return jnp.clip((rewards - mean) / (std + eps), -clip, clip)
+    keep = jnp.ones_like(rewards) if keep is None else keep.astype(rewards.dtype)
+    count = jnp.maximum(jnp.sum(keep, axis=axes, keepdims=True), 1.0)
+    mean = jnp.sum(keep * rewards, axis=axes, keepdims=True) / count
+    std = jnp.sqrt(jnp.sum(keep * (rewards - mean) ** 2, axis=axes, keepdims=True) / count)
+    return keep * jnp.clip((rewards - mean) / (std + eps), -clip, clip)
+
+
+def mixed_outcome_mask(success: jax.Array) -> jax.Array:
+    """success `[B, G]` (0/1) -> `[B, G]` float: 1 on every sample of a group whose outcomes differ, else 0.
+
+    A group that all fails or all succeeds says nothing about what makes an edit succeed; its advantages would come
+    from small differences in partial credit (mostly preservation), which is what our RL runs learned from.
+    """
+    varied = jnp.max(success, axis=-1, keepdims=True) > jnp.min(success, axis=-1, keepdims=True)  # [B, 1]
+    return jnp.broadcast_to(varied, success.shape).astype(jnp.float32)
 
 
 def advantage_rewards(scores: jax.Array, success_bonus: float) -> jax.Array:
@@ -277,9 +297,11 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
                                    repeat(batch["target_scene_bytes"]), repeat(batch["edit_mask"]))  # fmt: skip
         scores = jax.lax.stop_gradient(scores)  # [N, 2]: (reward, success)
         rewards = scores[:, 0]  # [N]
-        shaped = advantage_rewards(scores, settings.success_bonus)  # [N]
-        advantages = compute_advantages(shaped.reshape(-1, group), settings.advantage, settings.advantage_clip)
-        advantages = advantages.reshape(-1)  # [N]
+        shaped = advantage_rewards(scores, settings.success_bonus).reshape(-1, group)  # [B, G]
+        keep = mixed_outcome_mask(scores[:, 1].reshape(-1, group)) if settings.mixed_only else jnp.ones_like(shaped)
+        advantages = compute_advantages(shaped, settings.advantage, settings.advantage_clip, keep=keep)
+        advantages, keep = advantages.reshape(-1), keep.reshape(-1)  # [N], [N]
+        kept_mean = lambda per_sample: jnp.sum(keep * per_sample) / jnp.maximum(jnp.sum(keep), 1.0)  # noqa: E731
 
         stored = jax.lax.dynamic_slice_in_dim(trajectory, start + 1, k, axis=0)  # [k, N, L, C]
         keys = jax.random.split(sde_rng, settings.num_steps)
@@ -292,9 +314,9 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
                                    remat=settings.remat)  # fmt: skip
         log_ratio = new - old  # [k, N]
         if settings.algorithm == "dense_grpo":
-            policy_loss = jnp.mean(dense_surrogate(jnp.sum(log_ratio, axis=0), advantages, settings.clip_range))
+            policy_loss = kept_mean(dense_surrogate(jnp.sum(log_ratio, axis=0), advantages, settings.clip_range))
         else:
-            policy_loss = jnp.mean(ppo_surrogate(log_ratio, advantages[None], settings.clip_range))
+            policy_loss = kept_mean(jnp.mean(ppo_surrogate(log_ratio, advantages[None], settings.clip_range), axis=0))
         kl_loss = jnp.mean(kl)
         total = policy_loss + settings.kl_beta * kl_loss
         metrics = {
@@ -304,6 +326,7 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
             "reward": jnp.mean(rewards),
             "reward_std": jnp.std(rewards),
             "success": jnp.mean(scores[:, 1]),
+            "kept_fraction": jnp.mean(keep),
             "log_ratio_abs": jnp.mean(jnp.abs(log_ratio)),
             "window_start": start.astype(jnp.float32),
         }

@@ -48,6 +48,8 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             "remat": True,
             # Added to the reward of a verifier success before the advantages (0 = CogniEdit's reward only).
             "success_bonus": 0.0,
+            # Advantages only for groups whose verifier outcomes differ; the others are left out of the policy loss.
+            "mixed_only": False,
         }
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
