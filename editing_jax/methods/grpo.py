@@ -108,8 +108,8 @@ def compute_advantages(rewards: jax.Array, mode: str = "batch", clip: float = 5.
 def mixed_outcome_mask(success: jax.Array) -> jax.Array:
     """success `[B, G]` (0/1) -> `[B, G]` float: 1 on every sample of a group whose outcomes differ, else 0.
 
-    A group that all fails or all succeeds says nothing about what makes an edit succeed; its advantages would come
-    from small differences in partial credit (mostly preservation), which is what our RL runs learned from.
+    A group that all fails or all succeeds says nothing about what makes an edit succeed; its advantages come only
+    from differences in partial credit (in our unfiltered runs the world reward rose while success stayed flat).
     """
     varied = jnp.max(success, axis=-1, keepdims=True) > jnp.min(success, axis=-1, keepdims=True)  # [B, 1]
     return jnp.broadcast_to(varied, success.shape).astype(jnp.float32)
