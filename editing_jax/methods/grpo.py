@@ -99,10 +99,15 @@ def compute_advantages(rewards: jax.Array, mode: str = "batch", clip: float = 5.
     if mode not in ADVANTAGES:
         raise ValueError(f"advantage must be one of {ADVANTAGES}, got {mode!r}")
     keep = jnp.ones_like(rewards) if keep is None else keep.astype(rewards.dtype)
-    count = jnp.maximum(jnp.sum(keep, axis=axes, keepdims=True), 1.0)
-    mean = jnp.sum(keep * rewards, axis=axes, keepdims=True) / count
-    std = jnp.sqrt(jnp.sum(keep * (rewards - mean) ** 2, axis=axes, keepdims=True) / count)
+    mean = masked_mean(rewards, keep, axes, keepdims=True)
+    std = jnp.sqrt(masked_mean((rewards - mean) ** 2, keep, axes, keepdims=True))
     return keep * jnp.clip((rewards - mean) / (std + eps), -clip, clip)
+
+
+def masked_mean(values: jax.Array, keep: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """Mean of `values` over the entries where `keep` is 1 (0 where nothing is kept)."""
+    count = jnp.maximum(jnp.sum(keep, axis=axis, keepdims=keepdims), 1.0)
+    return jnp.sum(keep * values, axis=axis, keepdims=keepdims) / count
 
 
 def mixed_outcome_mask(success: jax.Array) -> jax.Array:
@@ -301,7 +306,6 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
         keep = mixed_outcome_mask(scores[:, 1].reshape(-1, group)) if settings.mixed_only else jnp.ones_like(shaped)
         advantages = compute_advantages(shaped, settings.advantage, settings.advantage_clip, keep=keep)
         advantages, keep = advantages.reshape(-1), keep.reshape(-1)  # [N], [N]
-        kept_mean = lambda per_sample: jnp.sum(keep * per_sample) / jnp.maximum(jnp.sum(keep), 1.0)  # noqa: E731
 
         stored = jax.lax.dynamic_slice_in_dim(trajectory, start + 1, k, axis=0)  # [k, N, L, C]
         keys = jax.random.split(sde_rng, settings.num_steps)
@@ -314,9 +318,12 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
                                    remat=settings.remat)  # fmt: skip
         log_ratio = new - old  # [k, N]
         if settings.algorithm == "dense_grpo":
-            policy_loss = kept_mean(dense_surrogate(jnp.sum(log_ratio, axis=0), advantages, settings.clip_range))
+            policy_loss = masked_mean(
+                dense_surrogate(jnp.sum(log_ratio, axis=0), advantages, settings.clip_range), keep
+            )
         else:
-            policy_loss = kept_mean(jnp.mean(ppo_surrogate(log_ratio, advantages[None], settings.clip_range), axis=0))
+            per_sample = jnp.mean(ppo_surrogate(log_ratio, advantages[None], settings.clip_range), axis=0)  # [N]
+            policy_loss = masked_mean(per_sample, keep)
         kl_loss = jnp.mean(kl)
         total = policy_loss + settings.kl_beta * kl_loss
         metrics = {
