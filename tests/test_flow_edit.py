@@ -327,6 +327,51 @@ def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(
     assert mixed() > 0.0
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "dense_grpo"])
+def test_updates_per_rollout_replay_one_rollout_off_policy(tiny_flow, algorithm):
+    from editing_jax.methods import grpo
+    from editing_jax.train import step as step_lib
+
+    model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(lora_rank=2))
+    batch = {
+        **tiny_flow.arrays,
+        "edit_mask": jnp.zeros((2, 8, 8), bool),
+        "source_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
+        "target_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
+    }
+    reward_calls = []
+
+    def brightness_reward(source, edited, *_):  # (reward, success): brighter edits win, so advantages are nonzero
+        reward_calls.append(1)
+        brightness = np.asarray(edited, np.float32).mean(axis=(1, 2, 3)) / 50.0
+        return np.stack([brightness, brightness > np.median(brightness)], axis=1).astype(np.float32)
+
+    settings = grpo.GRPOSettings(algorithm=algorithm, group_size=2, window=1, num_steps=2, advantage="group",
+                                 kl_beta=0.0, updates_per_rollout=2)  # fmt: skip
+    objective = grpo.make_objective(model, tiny_flow.params, tiny_flow.state, settings,
+                                    flow_edit.FlowSettings(num_steps=2), reward_fn=brightness_reward)  # fmt: skip
+    boxed = objective.init(jax.random.key(0), batch)
+    specs = nn.get_partition_spec(boxed["rollout"]["data"])
+    assert specs["cond"] == jax.sharding.PartitionSpec("batch", None, None)  # [N, L, C]
+    assert specs["stored"] == jax.sharding.PartitionSpec(None, "batch", None, None)  # [k, N, L, C]
+    optimizer = optax.adam(1e-2)
+    state = step_lib.create_state(nn.meta.unbox(boxed), optimizer, use_ema=False)
+    train_step = jax.jit(step_lib.make_train_step(objective, optimizer, lambda count: 1e-2))
+    metrics = []
+    for _ in range(3):
+        state, step_metrics = train_step(state, batch, jax.random.key(1))
+        metrics.append(jax.device_get(step_metrics))
+    assert len(reward_calls) == 2  # steps 1 and 3 collect, step 2 replays
+    assert int(state.model_state["rollout"]["age"]) == 3
+    first, replay, fresh = metrics
+    assert first["log_ratio_abs"] < 1e-6  # on-policy
+    assert replay["log_ratio_abs"] > 1e-4  # the same transitions under the updated policy
+    assert replay["reward"] == first["reward"] and replay["window_start"] == first["window_start"]
+    assert fresh["log_ratio_abs"] < 1e-6
+    with pytest.raises(ValueError, match="updates_per_rollout"):
+        grpo.GRPOSettings(updates_per_rollout=0)
+
+
 def test_sample_times():
     rng = jax.random.key(0)
     logit_normal = np.asarray(flow_edit.sample_times(rng, 20000, "logit_normal"))
@@ -433,10 +478,14 @@ def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sf
 
 
 def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
-    # LoRA-only params, an on-policy ratio of 1, a world reward.
-    for name in ("grpo", "dense_grpo"):
+    # LoRA-only params, an on-policy ratio of 1, a world reward. Dense GRPO replays each rollout twice (steps 1-2
+    # share one, step 3 collects the next): the buffer is sharded, checkpointed and on-policy again at step 3.
+    for name, extra in (
+        ("grpo", ()),
+        ("dense_grpo", ("--config.grpo.updates_per_rollout=2", "--config.train.num_steps=3")),
+    ):
         code = cli.main(["--quiet", "train", "--config", f"configs/cogniedit/{name}.py:tiny", "--workdir",
-                         str(sft_run / name), f"--config.init_from={sft_run / 'sft'}", *COMMON])  # fmt: skip
+                         str(sft_run / name), f"--config.init_from={sft_run / 'sft'}", *COMMON, *extra])  # fmt: skip
         out, err = capsys.readouterr()
         assert code == 0, err
         summary = json.loads(out.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
 """Flow-GRPO and CogniEdit's Dense GRPO on the flow editor, as one trainer objective (LoRA on a frozen SFT base).
 
-Each train step is on-policy and self-contained:
+Each train step is on-policy and self-contained (with `updates_per_rollout` U > 1, steps 1-3 run every U-th step and
+the rollout is replayed from the model state in between, as PPO's epochs: see `make_loss`):
   1. Rollout (no gradient): the batch's B inputs are repeated G times; every sample integrates the ODE from noise
      except an SDE window of k consecutive steps [r, r + k) starting at a random r (one r per step, shared by the
      batch), recording the window's states, noises and Gaussian log-probs (`sampling.flow`).
@@ -72,6 +73,7 @@ class GRPOSettings:
     remat: bool = True
     success_bonus: float = 0.0
     mixed_only: bool = False
+    updates_per_rollout: int = 1
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -82,6 +84,8 @@ class GRPOSettings:
             raise ValueError(f"window must be in [1, num_steps={self.num_steps}], got {self.window}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples), got {self.group_size}")
+        if self.updates_per_rollout < 1:
+            raise ValueError(f"updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
         if self.success_bonus < 0:
             raise ValueError(f"success_bonus must be >= 0, got {self.success_bonus}")
 
@@ -271,52 +275,108 @@ def host_world_reward(source, edited, source_scene, target_scene, edit_mask) -> 
 # ---- the objective ---------------------------------------------------------------------------------------------
 
 
-def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=host_world_reward):
-    """`(params={'lora'}, model_state, batch, rng) -> (loss, LossAux)`; see the module docstring."""
+def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=host_world_reward):
+    """`(policy, model_state, batch, rng) -> rollout`: steps 1-3 of the module docstring, without gradient.
+
+    The rollout holds everything the policy loss reads, so it can be replayed for several updates: the inputs'
+    encodings (`cond` `[N, L, C]`, `text`), the window (`start` int32, `x_start` `[N, L, C]`, `stored` and `noises`
+    `[k, N, L, C]`, `times` `[k + 1]`), the behaviour policy's log-probs `old` `[k, N]`, and per sample `advantages`,
+    `keep`, `rewards` and `success` `[N]`.
+    """
     schedule = flow.timesteps(settings.num_steps, settings.shift)  # [S + 1]
     group, k = settings.group_size, settings.window
 
-    def loss(params, model_state, batch, rng):
-        base, text_params = model_state["base_dit"], model_state["text_encoder"]
-        policy = {"dit": policy_dit(params, base), "text_encoder": text_params}
-        reference = {"dit": policy_dit(params, base, reference=True), "text_encoder": text_params}
+    def rollout(policy, model_state, batch, rng):
+        policy = jax.lax.stop_gradient(policy)
         repeat = lambda x: jnp.repeat(x, group, axis=0)  # noqa: E731  [B, ...] -> [B * G, ...]
         source = repeat(batch["source_image"])
         cond = model.encode(model_state, source)  # [N, L, C]
-        text = jax.lax.stop_gradient(model.encode_text(policy, repeat(batch["text_ids"]), repeat(batch["text_mask"])))
+        text = model.encode_text(policy, repeat(batch["text_ids"]), repeat(batch["text_mask"]))
         count = cond.shape[0]
-
-        def velocity(p):
-            return lambda x, t: model.velocity(p, x, jnp.full((count,), t), text, cond)
-
         start_rng, noise_rng, sde_rng = jax.random.split(rng, 3)
         start = jax.random.randint(start_rng, (), 0, settings.num_steps - k + 1)
-        frozen_policy = jax.lax.stop_gradient(policy)
         x_T = jax.random.normal(noise_rng, cond.shape, jnp.float32)
         mask = flow.sde_window_mask(settings.num_steps, start, k)
-        x_0, trajectory, old_log_probs = flow.sample(velocity(frozen_policy), x_T, timesteps=schedule, rng=sde_rng,
+        velocity = lambda x, t: model.velocity(policy, x, jnp.full((count,), t), text, cond)  # noqa: E731
+        x_0, trajectory, old_log_probs = flow.sample(velocity, x_T, timesteps=schedule, rng=sde_rng,
                                                      noise_level=settings.noise_level, sde_steps_mask=mask)  # fmt: skip
         edited = model.decode(model_state, x_0)  # [N, S, S, 3] uint8
         shape = jax.ShapeDtypeStruct((count, 2), jnp.float32)
         scores = jax.pure_callback(reward_fn, shape, source, edited, repeat(batch["source_scene_bytes"]),
                                    repeat(batch["target_scene_bytes"]), repeat(batch["edit_mask"]))  # fmt: skip
         scores = jax.lax.stop_gradient(scores)  # [N, 2]: (reward, success)
-        rewards = scores[:, 0]  # [N]
         shaped = advantage_rewards(scores, settings.success_bonus).reshape(-1, group)  # [B, G]
         keep = mixed_outcome_mask(scores[:, 1].reshape(-1, group)) if settings.mixed_only else jnp.ones_like(shaped)
         advantages = compute_advantages(shaped, settings.advantage, settings.advantage_clip, keep=keep)
-        advantages, keep = advantages.reshape(-1), keep.reshape(-1)  # [N], [N]
-
-        stored = jax.lax.dynamic_slice_in_dim(trajectory, start + 1, k, axis=0)  # [k, N, L, C]
         keys = jax.random.split(sde_rng, settings.num_steps)
         noises = jax.vmap(lambda key: jax.random.normal(key, cond.shape, jnp.float32))(
             jax.lax.dynamic_slice_in_dim(keys, start, k, axis=0))  # fmt: skip
-        times = jax.lax.dynamic_slice_in_dim(schedule, start, k + 1)  # [k + 1]
-        old = jax.lax.stop_gradient(jax.lax.dynamic_slice_in_dim(old_log_probs, start, k, axis=0))  # [k, N]
-        new, kl = window_log_probs(velocity(policy), velocity(reference), trajectory[start], stored, noises, times,
-                                   settings.noise_level, dense=settings.algorithm == "dense_grpo",
-                                   remat=settings.remat)  # fmt: skip
-        log_ratio = new - old  # [k, N]
+        return jax.lax.stop_gradient({
+            "cond": cond,
+            "text": text,
+            "start": start,
+            "x_start": trajectory[start],
+            "stored": jax.lax.dynamic_slice_in_dim(trajectory, start + 1, k, axis=0),  # [k, N, L, C]
+            "noises": noises,
+            "times": jax.lax.dynamic_slice_in_dim(schedule, start, k + 1),  # [k + 1]
+            "old": jax.lax.dynamic_slice_in_dim(old_log_probs, start, k, axis=0),  # [k, N]
+            "advantages": advantages.reshape(-1),
+            "keep": keep.reshape(-1),
+            "rewards": scores[:, 0],
+            "success": scores[:, 1],
+        })  # fmt: skip
+
+    return rollout
+
+
+def rollout_buffer(model: flow_edit.FlowEditor, settings: GRPOSettings, policy, model_state, batch, rng) -> dict:
+    """The model-state entry that replays a rollout `updates_per_rollout` times: zeros of its shapes, age 0.
+
+    Per-sample arrays are annotated with the logical 'batch' axis, so on a mesh the buffer is sharded like the data.
+    """
+    abstract = jax.eval_shape(make_rollout_fn(model, settings), policy, model_state, batch, rng)
+
+    def zeros(path, x):
+        key = path[0].key
+        sample_axis = None if key in ("start", "times") else 1 if key in ("stored", "noises", "old") else 0
+        names = tuple("batch" if axis == sample_axis else None for axis in range(x.ndim))
+        return nn.LogicallyPartitioned(jnp.zeros(x.shape, x.dtype), names)
+
+    return {"data": jax.tree_util.tree_map_with_path(zeros, abstract), "age": jnp.zeros((), jnp.int32)}
+
+
+def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=host_world_reward):
+    """`(params={'lora'}, model_state, batch, rng) -> (loss, LossAux)`; see the module docstring.
+
+    With `updates_per_rollout` U > 1 the rollout lives in `model_state['rollout']`: every U-th step collects a new
+    one (from this step's batch), the others replay it, so the ratios of steps 2..U are off-policy and the clip acts.
+    """
+    collect = make_rollout_fn(model, settings, reward_fn)
+    updates = settings.updates_per_rollout
+
+    def loss(params, model_state, batch, rng):
+        base, text_params = model_state["base_dit"], model_state["text_encoder"]
+        policy = {"dit": policy_dit(params, base), "text_encoder": text_params}
+        reference = {"dit": policy_dit(params, base, reference=True), "text_encoder": text_params}
+        if updates == 1:
+            rollout = collect(policy, model_state, batch, rng)
+        else:
+            buffer = model_state["rollout"]
+            rollout = jax.lax.cond(buffer["age"] % updates == 0,
+                                   lambda: collect(policy, model_state, batch, rng),
+                                   lambda: buffer["data"])  # fmt: skip
+            model_state = {**model_state, "rollout": {"data": rollout, "age": buffer["age"] + 1}}
+        cond, text = rollout["cond"], rollout["text"]
+        count = cond.shape[0]
+
+        def velocity(p):
+            return lambda x, t: model.velocity(p, x, jnp.full((count,), t), text, cond)
+
+        advantages, keep = rollout["advantages"], rollout["keep"]  # [N], [N]
+        new, kl = window_log_probs(velocity(policy), velocity(reference), rollout["x_start"], rollout["stored"],
+                                   rollout["noises"], rollout["times"], settings.noise_level,
+                                   dense=settings.algorithm == "dense_grpo", remat=settings.remat)  # fmt: skip
+        log_ratio = new - rollout["old"]  # [k, N]
         if settings.algorithm == "dense_grpo":
             policy_loss = masked_mean(
                 dense_surrogate(jnp.sum(log_ratio, axis=0), advantages, settings.clip_range), keep
@@ -326,16 +386,17 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
             policy_loss = masked_mean(per_sample, keep)
         kl_loss = jnp.mean(kl)
         total = policy_loss + settings.kl_beta * kl_loss
+        rewards = rollout["rewards"]
         metrics = {
             "loss": total,
             "policy_loss": policy_loss,
             "kl": kl_loss,
             "reward": jnp.mean(rewards),
             "reward_std": jnp.std(rewards),
-            "success": jnp.mean(scores[:, 1]),
+            "success": jnp.mean(rollout["success"]),
             "kept_fraction": jnp.mean(keep),
             "log_ratio_abs": jnp.mean(jnp.abs(log_ratio)),
-            "window_start": start.astype(jnp.float32),
+            "window_start": rollout["start"].astype(jnp.float32),
         }
         return total, LossAux(metrics=metrics, model_state=model_state)
 
@@ -371,8 +432,12 @@ def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: P
         focus, dit = split_focus(dit)
         lora, base = split_lora(dit)
         trainable = {"lora": lora, "focus": focus} if focus else {"lora": lora}
-        return {"params": trainable, "base_dit": base, "text_encoder": sft_params["text_encoder"],
-                "tokenizer": sft_state["tokenizer"], "latent_stats": sft_state["latent_stats"]}  # fmt: skip
+        variables = {"params": trainable, "base_dit": base, "text_encoder": sft_params["text_encoder"],
+                     "tokenizer": sft_state["tokenizer"], "latent_stats": sft_state["latent_stats"]}  # fmt: skip
+        if settings.updates_per_rollout > 1:
+            policy = editor_params(trainable, variables)
+            variables["rollout"] = rollout_buffer(model, settings, policy, variables, batch, rng)
+        return variables
 
     def visualize(params, model_state, batch):
         return flow_edit.visualize_edits(edit_fn, editor_params(params, model_state), model_state, batch, eval_settings)
@@ -403,5 +468,7 @@ def build_objective(config) -> Objective:
                 config.model[key] = value
     model = flow_edit.build_model(config)
     settings = GRPOSettings(**{k: v for k, v in config.grpo.items()})
+    if settings.updates_per_rollout > 1 and int(config.train.grad_accum_steps) > 1:
+        raise ValueError("grpo.updates_per_rollout > 1 replays one rollout per step: set train.grad_accum_steps=1")
     eval_settings = flow_edit.FlowSettings.from_config(config.sampling)
     return make_objective(model, sft.inference_params, sft.model_state, settings, eval_settings)

@@ -50,6 +50,9 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             "success_bonus": 0.0,
             # Advantages only for groups whose verifier outcomes differ; the others are left out of the policy loss.
             "mixed_only": False,
+            # Policy updates per rollout (PPO epochs): a rollout is collected every this many steps and replayed in
+            # between, so the later updates are off-policy and the clip acts (1 = CogniEdit: every step on-policy).
+            "updates_per_rollout": 1,
         }
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
