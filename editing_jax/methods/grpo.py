@@ -349,7 +349,7 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
     """`(params={'lora'}, model_state, batch, rng) -> (loss, LossAux)`; see the module docstring.
 
     With `updates_per_rollout` U > 1 the rollout lives in `model_state['rollout']`: every U-th step collects a new
-    one (from this step's batch), the others replay it, so the ratios of steps 2..U are off-policy and the clip acts.
+    one (from this step's batch), the others replay it, so the ratios of steps 2..U are off-policy and the clip can bind.
     """
     collect = make_rollout_fn(model, settings, reward_fn)
     updates = settings.updates_per_rollout
