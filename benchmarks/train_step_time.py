@@ -7,13 +7,20 @@
 Each variant builds its trainer, compiles the step ahead of time, runs one warm-up step and then `--steps` steps on
 one fixed batch (no data loading, logging or checkpoints: the loop's own overhead is not included). One JSON line per
 variant. XLA flags act per process: run the script once per `XLA_FLAGS` value to compare them.
+
+`--by_module DEPTH` adds `gflop_by_module`: the FLOPs of the compiled step's matrix products and convolutions
+(forward and backward together), summed by the first DEPTH names of the module path in each op's metadata, largest
+first. Elementwise ops are not counted, so the sum is a little below `gflop_per_step`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -23,8 +30,44 @@ import jax
 from editing_jax import config_lib
 from editing_jax.train import checkpoint, sharding, trainer
 
+_SHAPE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
+_PRODUCT = re.compile(r"= \w+\[([\d,]*)\]\{[^}]*\} (dot|convolution)\(%([\w.\-]+), %([\w.\-]+)\)(.*)")
 
-def measure(config_spec: str, overrides: list[str], steps: int) -> dict:
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def flops_by_module(hlo_text: str, depth: int) -> dict[str, float]:
+    """FLOPs of every dot and convolution in optimized HLO text, summed by module path (its first `depth` names).
+
+    A dot's FLOPs are 2 x output elements x contracted size; a convolution's 2 x output elements x the kernel's
+    elements per output feature. The path is the op's `op_name` metadata with the jit / jvp / transpose wrappers
+    removed, so a module's forward and backward products land under one name.
+    """
+    shapes = {name: _dims(dims) for name, dims in _SHAPE.findall(hlo_text)}
+    totals = collections.Counter()
+    for line in hlo_text.splitlines():
+        match = _PRODUCT.search(line)
+        if not match:
+            continue
+        out_dims, kind, lhs, rhs, rest = match.groups()
+        out = math.prod(_dims(out_dims))
+        if kind == "dot":
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            size = math.prod(shapes[lhs][i] for i in _dims(contracting.group(1))) if contracting else 1
+        else:
+            kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
+            kernel = shapes[rhs]
+            size = math.prod(kernel) // kernel[kernel_labels.index("o")]
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        path = re.sub(r"\b(jit|jvp|transpose|checkpoint|remat)\(|\)", "", op_name.group(1) if op_name else "?")
+        names = [n for n in path.split("/") if n][1:]  # drop the jitted function's name
+        totals["/".join(names[:depth]) or "?"] += 2.0 * out * size
+    return dict(totals.most_common())
+
+
+def measure(config_spec: str, overrides: list[str], steps: int, by_module: int = 0) -> dict:
     config = config_lib.load_config(config_spec, overrides)
     with tempfile.TemporaryDirectory() as workdir:
         run = trainer.build_trainer(config, workdir, progress=False, with_eval=False)
@@ -40,13 +83,18 @@ def measure(config_spec: str, overrides: list[str], steps: int) -> dict:
             state, metrics = compiled.executable(state, example, run.train_rng)
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - start) / steps
-    return {
+        hlo_text = compiled.executable.as_text() if by_module else ""
+    result = {
         "overrides": overrides,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "seconds_per_step": round(seconds, 4),
         "gflop_per_step": round((compiled.flops or 0.0) / 1e9, 2),
         "compile_seconds": round(compiled.compile_seconds, 1),
     }
+    if by_module:
+        modules = flops_by_module(hlo_text, by_module)
+        result["gflop_by_module"] = {name: round(flops / 1e9, 3) for name, flops in modules.items()}
+    return result
 
 
 def main() -> None:
@@ -55,11 +103,15 @@ def main() -> None:
     parser.add_argument("--base", default="", help="overrides shared by every variant (one shell-quoted string)")
     parser.add_argument("--variant", action="append", default=None, help="extra overrides of one variant")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--by_module", type=int, default=0, metavar="DEPTH",
+                        help="also report the step's matmul/conv FLOPs by module path (its first DEPTH names)")  # fmt: skip
     args = parser.parse_args()
     if args.steps <= 0:
         parser.error("--steps must be positive")
+    if args.by_module < 0:
+        parser.error("--by_module must be >= 0")
     for variant in args.variant or [""]:
-        result = measure(args.config, shlex.split(args.base) + shlex.split(variant), args.steps)
+        result = measure(args.config, shlex.split(args.base) + shlex.split(variant), args.steps, args.by_module)
         print(json.dumps(result), flush=True)
 
 

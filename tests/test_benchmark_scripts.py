@@ -144,3 +144,20 @@ def test_flow_grounding_reports_the_gate_per_role_and_no_changed_tokens(monkeypa
     assert swap["pairs"] >= 1 and 0.0 <= swap["named_higher"] <= 1.0
     states = grounding.word_states(editor)
     assert states["color_word"] > 0.0 and states["kind_word"] > 0.0
+
+
+def test_flops_by_module_counts_each_modules_products_and_convolutions():
+    step_time = load_benchmark("train_step_time")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # [4, 6, 6, 3]
+            x = nn.Conv(5, (3, 3), padding="VALID", name="conv")(x)  # [4, 4, 4, 5]
+            return nn.Dense(7, name="head")(x.reshape(4, -1))  # [4, 7]
+
+    net, x = Net(), jnp.ones((4, 6, 6, 3))
+    params = net.init(jax.random.key(0), x)
+    hlo_text = jax.jit(lambda p: net.apply(p, x)).lower(params).compile().as_text()
+    flops = step_time.flops_by_module(hlo_text, 2)
+    assert flops == {"Net/conv": 2 * (4 * 4 * 4 * 5) * (3 * 3 * 3), "Net/head": 2 * (4 * 7) * 80}
+    assert step_time.flops_by_module(hlo_text, 1) == {"Net": flops["Net/conv"] + flops["Net/head"]}
