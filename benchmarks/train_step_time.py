@@ -10,7 +10,8 @@ variant. XLA flags act per process: run the script once per `XLA_FLAGS` value to
 
 `--by_module DEPTH` adds `gflop_by_module`: the FLOPs of the compiled step's matrix products and convolutions
 (forward and backward together), summed by the first DEPTH names of the module path in each op's metadata, largest
-first. Elementwise ops are not counted, so the sum is a little below `gflop_per_step`.
+first. Elementwise ops are not counted, so the sum is a little below `gflop_per_step`, and a product inside a loop
+body (a `lax.scan`, e.g. a sampler's steps) is counted once, not once per iteration.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def flops_by_module(hlo_text: str, depth: int) -> dict[str, float]:
 
     A dot's FLOPs are 2 x output elements x contracted size; a convolution's 2 x output elements x the kernel's
     elements per output feature. The path is the op's `op_name` metadata with the jit / jvp / transpose wrappers
-    removed, so a module's forward and backward products land under one name.
+    removed, so a module's forward and backward products land under one name. Loop bodies count once.
     """
     shapes = {name: _dims(dims) for name, dims in _SHAPE.findall(hlo_text)}
     totals = collections.Counter()
