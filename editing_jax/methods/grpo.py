@@ -275,6 +275,11 @@ def host_world_reward(source, edited, source_scene, target_scene, edit_mask) -> 
 # ---- the objective ---------------------------------------------------------------------------------------------
 
 
+def velocity_fn(model: flow_edit.FlowEditor, params: PyTree, text, cond: jax.Array):
+    """`(x [N, L, C], t []) -> v`: the editor's velocity for the N inputs encoded as `text` and `cond` `[N, L, C]`."""
+    return lambda x, t: model.velocity(params, x, jnp.full((cond.shape[0],), t), text, cond)
+
+
 def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=host_world_reward):
     """`(policy, model_state, batch, rng) -> rollout`: steps 1-3 of the module docstring, without gradient.
 
@@ -297,8 +302,7 @@ def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_
         start = jax.random.randint(start_rng, (), 0, settings.num_steps - k + 1)
         x_T = jax.random.normal(noise_rng, cond.shape, jnp.float32)
         mask = flow.sde_window_mask(settings.num_steps, start, k)
-        velocity = lambda x, t: model.velocity(policy, x, jnp.full((count,), t), text, cond)  # noqa: E731
-        x_0, trajectory, old_log_probs = flow.sample(velocity, x_T, timesteps=schedule, rng=sde_rng,
+        x_0, trajectory, old_log_probs = flow.sample(velocity_fn(model, policy, text, cond), x_T, timesteps=schedule, rng=sde_rng,
                                                      noise_level=settings.noise_level, sde_steps_mask=mask)  # fmt: skip
         edited = model.decode(model_state, x_0)  # [N, S, S, 3] uint8
         shape = jax.ShapeDtypeStruct((count, 2), jnp.float32)
@@ -349,15 +353,15 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
     """`(params={'lora'}, model_state, batch, rng) -> (loss, LossAux)`; see the module docstring.
 
     With `updates_per_rollout` U > 1 the rollout lives in `model_state['rollout']`: every U-th step collects a new
-    one (from this step's batch), the others replay it, so the ratios of steps 2..U are off-policy and the clip can bind.
+    one (from this step's batch), the others replay it, so the ratios of steps 2..U are off-policy and the clip can
+    bind.
     """
     collect = make_rollout_fn(model, settings, reward_fn)
     updates = settings.updates_per_rollout
 
     def loss(params, model_state, batch, rng):
-        base, text_params = model_state["base_dit"], model_state["text_encoder"]
-        policy = {"dit": policy_dit(params, base), "text_encoder": text_params}
-        reference = {"dit": policy_dit(params, base, reference=True), "text_encoder": text_params}
+        policy = editor_params(params, model_state)
+        reference = editor_params(params, model_state, reference=True)
         if updates == 1:
             rollout = collect(policy, model_state, batch, rng)
         else:
@@ -367,13 +371,9 @@ def make_loss(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_fn=hos
                                    lambda: buffer["data"])  # fmt: skip
             model_state = {**model_state, "rollout": {"data": rollout, "age": buffer["age"] + 1}}
         cond, text = rollout["cond"], rollout["text"]
-        count = cond.shape[0]
-
-        def velocity(p):
-            return lambda x, t: model.velocity(p, x, jnp.full((count,), t), text, cond)
-
         advantages, keep = rollout["advantages"], rollout["keep"]  # [N], [N]
-        new, kl = window_log_probs(velocity(policy), velocity(reference), rollout["x_start"], rollout["stored"],
+        new, kl = window_log_probs(velocity_fn(model, policy, text, cond), velocity_fn(model, reference, text, cond),
+                                   rollout["x_start"], rollout["stored"],
                                    rollout["noises"], rollout["times"], settings.noise_level,
                                    dense=settings.algorithm == "dense_grpo", remat=settings.remat)  # fmt: skip
         log_ratio = new - rollout["old"]  # [k, N]
@@ -411,9 +411,11 @@ def prepare_batch(model: flow_edit.FlowEditor, batch: Batch) -> Batch:
     return batch
 
 
-def editor_params(params: PyTree, model_state: PyTree) -> dict:
-    """The flow editor's {'dit', 'text_encoder'} params of a GRPO run: the frozen base joined with its adapters."""
-    return {"dit": policy_dit(params, model_state["base_dit"]), "text_encoder": model_state["text_encoder"]}
+def editor_params(params: PyTree, model_state: PyTree, *, reference: bool = False) -> dict:
+    """The flow editor's {'dit', 'text_encoder'} params of a GRPO run: the frozen base joined with its adapters
+    (`reference`: zeroed, i.e. the SFT base)."""
+    dit = policy_dit(params, model_state["base_dit"], reference=reference)
+    return {"dit": dit, "text_encoder": model_state["text_encoder"]}
 
 
 def make_objective(model: flow_edit.FlowEditor, sft_params: PyTree, sft_state: PyTree, settings: GRPOSettings,
