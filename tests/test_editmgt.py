@@ -874,6 +874,29 @@ def test_build_model_pixel_head_needs_a_patch_vq():
         editmgt.build_model(config)
 
 
+def test_fused_code_head_adds_the_content_keys_to_the_mlm_kernel(tiny_mgt):
+    base, _, inputs, cond = tiny_mgt
+    fused = dataclasses.replace(base, code_content_dim=4, fused_code_head=True)
+    codes = jnp.asarray(np.random.default_rng(3).normal(size=(16, 4)), jnp.float32)
+    variables = nn.meta.unbox(fused.init(jax.random.key(1), **inputs, cond_tokens=cond, code_features=codes))
+    assert "content_query" not in variables["params"]  # one [E, V] product instead of two
+    logits, captured = fused.apply(variables, **inputs, cond_tokens=cond, code_features=codes,
+                                   capture_intermediates=lambda m, _: m.name == "layer_norm")  # fmt: skip
+    features = np.asarray(captured["intermediates"]["mlm_layer"]["layer_norm"]["__call__"][0], np.float64)
+    keys = np.asarray(fused.apply(variables, codes, method=lambda m, c: m.content_key_out(nn.gelu(
+        m.content_key_in(m._standardized_codes(c))))), np.float64)  # [V, E]  # fmt: skip
+    # The unfused model with a zero content query has the same logits but for the content term.
+    unfused = dataclasses.replace(fused, fused_code_head=False)
+    zero_query = {"kernel": jnp.zeros((base.width, base.embed_dim), jnp.float32)}
+    unfused_variables = {"params": dict(variables["params"], content_query=zero_query)}
+    expected = np.asarray(unfused.apply(unfused_variables, **inputs, cond_tokens=cond, code_features=codes), np.float64)
+    expected = expected + features @ keys.T / np.sqrt(base.embed_dim)  # [B, h, w, V]
+    assert np.abs(features @ keys.T).max() > 0.1  # the content term is not negligible
+    np.testing.assert_allclose(np.asarray(logits, np.float64), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fused_code_head needs code content"):
+        dataclasses.replace(base, fused_code_head=True).init(jax.random.key(1), **inputs, cond_tokens=cond)
+
+
 def test_text_code_score_adds_the_gated_text_score_of_every_code(tiny_mgt):
     base, _, inputs, cond = tiny_mgt
     model = dataclasses.replace(base, text_cross_attention=True, code_content_dim=4, text_code_score=True)

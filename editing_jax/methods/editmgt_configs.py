@@ -94,6 +94,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             "source_skip": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_skip
             "source_copy": True,  # not in EditMGT; see MaskedGenerativeTransformer.source_copy
             "code_content": True,  # not in EditMGT; see MaskedGenerativeTransformer.code_content_dim
+            "fused_code_head": False,  # not in EditMGT; see MaskedGenerativeTransformer.fused_code_head
             # Editing reads the text per token as well (+4.7 points held-out at 5,000 steps with the gate loss,
             # docs/RESULTS.md, EditMGT: "Where the text is read").
             "text_cross_attention": edit,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_attention

@@ -94,6 +94,11 @@ class MaskedGenerativeTransformer(nn.Module):
         <q(hidden), k(code vector)> with an MLP key over the codebook. Not in Meissonic/EditMGT, whose code ids are
         opaque: with opaque ids a from-scratch model must learn "this code recolored" as a lookup per code and
         color; with content it can predict the look of the new block and let the head find the matching code.
+      fused_code_head: with code content, the MLM head and the content term share one 1,024-way product: the logits
+        are `u @ (W + K^T / sqrt(E))` with `u` the MLM layer's normalized features, `W` its output kernel and `K` the
+        content keys, instead of `u @ W + <content_query(hidden), K> / sqrt(E)`. Not in EditMGT: the two `[E, V]`
+        products at every token were 46 % of a training step's FLOPs; the fused head drops one and the
+        `content_query` projection (docs/RESULTS.md, EditMGT: "One code head").
       content_head: with code content, also regress each position's target code vector (standardized, `[B, h, w,
         F]`) from the final hidden state and sow it as 'content_prediction' (trained by `loss.content_weight`; not
         used by the logits). Not in EditMGT: a squared error on the block's look gives partial credit for the right
@@ -175,6 +180,7 @@ class MaskedGenerativeTransformer(nn.Module):
     source_skip: bool = False
     source_copy: bool = False
     code_content_dim: int = 0
+    fused_code_head: bool = False
     content_head: bool = False
     text_cross_attention: bool = False
     text_cross_single: bool = False
@@ -255,7 +261,10 @@ class MaskedGenerativeTransformer(nn.Module):
             self.content_embed = Dense(width, (None, "embed"), use_bias=False, **kwargs)
             self.content_key_in = Dense(self.embed_dim, (None, None), **kwargs)
             self.content_key_out = Dense(self.embed_dim, (None, None), **kwargs)
-            self.content_query = Dense(self.embed_dim, ("embed", None), use_bias=False, **kwargs)
+            if not self.fused_code_head:
+                self.content_query = Dense(self.embed_dim, ("embed", None), use_bias=False, **kwargs)
+        elif self.fused_code_head:
+            raise ValueError("fused_code_head needs code content (code_content_dim > 0)")
         if self.text_code_score:
             self.text_code_query = Dense(self.embed_dim, (None, None), use_bias=False,
                                          kernel_init=nn.initializers.zeros_init(), **kwargs)  # fmt: skip
@@ -466,14 +475,18 @@ class MaskedGenerativeTransformer(nn.Module):
             keep = 1.0 - fine_gate
         if skip is not None:
             hidden = hidden + (skip if keep is None else keep * skip)
-        logits = self.mlm_layer(hidden)  # [B, h, w, V]
+        keys = None if codes is None else self.content_key_out(nn.gelu(self.content_key_in(codes)))  # [V, E]
+        if self.fused_code_head:
+            logits = self.mlm_layer(hidden, kernel_offset=keys.T / np.sqrt(self.embed_dim))  # [B, h, w, V]
+        else:
+            logits = self.mlm_layer(hidden)  # [B, h, w, V]
         if self.token_change_head:
             self.sow("intermediates", "token_change_logit", self.token_change(hidden)[..., 0])  # [B, h, w]
         if codes is not None:
-            keys = self.content_key_out(nn.gelu(self.content_key_in(codes)))  # [V, E]
-            queries = self.content_query(hidden)  # [B, h, w, E]
-            content = jnp.einsum("bhwe,ve->bhwv", queries, keys.astype(queries.dtype)) / np.sqrt(self.embed_dim)
-            logits = logits + content.astype(logits.dtype)
+            if not self.fused_code_head:
+                queries = self.content_query(hidden)  # [B, h, w, E]
+                content = jnp.einsum("bhwe,ve->bhwv", queries, keys.astype(queries.dtype)) / np.sqrt(self.embed_dim)
+                logits = logits + content.astype(logits.dtype)
             if self.text_code_score:
                 text_query = self.text_code_query(pooled_text.astype(self.dtype))  # [B, E]
                 score = jnp.einsum("be,ve->bv", text_query, keys.astype(text_query.dtype)) / np.sqrt(self.embed_dim)

@@ -82,7 +82,8 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in]
+    def __call__(self, x: jax.Array, kernel_offset: jax.Array | None = None) -> jax.Array:  # x: [..., in]
+        """`kernel_offset [in, out]`, if given, is added to the kernel (not to the adapter) for this call."""
         in_features = x.shape[-1]
         kernel = self.param(
             "kernel",
@@ -90,6 +91,8 @@ class Dense(nn.Module):
             (in_features, self.features),
             self.param_dtype,
         )
+        if kernel_offset is not None:
+            kernel = kernel.astype(self.dtype) + kernel_offset.astype(self.dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))  # [..., out]
         if self.lora_rank > 0:
             lora_a = self.param(

@@ -79,11 +79,12 @@ class ConvMlmLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kernel_offset: jax.Array | None = None) -> jax.Array:
+        """`kernel_offset [E, V]`, if given, is added to the output kernel (MaskedGenerativeTransformer.fused_code_head)."""
         kwargs = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Dense(self.embed_dim, ("embed", None), name="conv1", **kwargs)(x)  # [B, H, W, E]
         x = rms_norm("layer_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return Dense(self.codebook_size, (None, "vocab"), name="conv2", **kwargs)(x)  # [B, H, W, V]
+        return Dense(self.codebook_size, (None, "vocab"), name="conv2", **kwargs)(x, kernel_offset)  # [B, H, W, V]
 
 
 class Downsample(nn.Module):
