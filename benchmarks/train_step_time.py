@@ -12,12 +12,18 @@ variant. XLA flags act per process: run the script once per `XLA_FLAGS` value to
 (forward and backward together), summed by the first DEPTH names of the module path in each op's metadata, largest
 first. Elementwise ops are not counted, so the sum is a little below `gflop_per_step`, and a product inside a loop
 body (a `lax.scan`, e.g. a sampler's steps) is counted once, not once per iteration.
+
+`--profile TOP` adds `ms_by_op`: the TOP compiled ops (fusions, products) that took the most time per step, from a
+`jax.profiler` trace of `--steps` more steps, each with its output shape and the op it came from (`op_name`
+metadata). On CPU this is where the time goes when the FLOPs do not say (transposes, reductions, softmax).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import glob
+import gzip
 import json
 import math
 import os
@@ -68,7 +74,48 @@ def flops_by_module(hlo_text: str, depth: int) -> dict[str, float]:
     return dict(totals.most_common())
 
 
-def measure(config_spec: str, overrides: list[str], steps: int, by_module: int = 0) -> dict:
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+\[[\d,]*\])")
+
+
+def time_by_op(trace_events: list[dict], hlo_text: str, steps: int, top: int) -> list[dict]:
+    """Milliseconds per step of the compiled ops in a trace, largest first (the `top` of them).
+
+    `trace_events` are Chrome / Perfetto trace events; the complete ('X') events named after an instruction of the
+    entry computation of `hlo_text` are summed by name (runtime events such as the executor's are left out) and
+    divided by `steps`. Each row carries the instruction's output shape and its `op_name` metadata.
+    """
+    instructions = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            instructions[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "")
+    totals = collections.Counter()
+    for event in trace_events:
+        if event.get("ph") == "X" and event.get("name") in instructions:
+            totals[event["name"]] += float(event.get("dur", 0.0))  # microseconds
+    rows = []
+    for name, micros in totals.most_common(top):
+        shape, op_name = instructions[name]
+        rows.append({"op": name, "ms": round(micros / steps / 1e3, 3), "shape": shape, "op_name": op_name})
+    return rows
+
+
+def _profile(compiled, state, batch, rng, steps: int) -> list[dict]:
+    """Trace events of `steps` more steps (the state is advanced, not returned: timings only)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        for _ in range(steps):
+            state, metrics = compiled.executable(state, batch, rng)
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as file:
+            trace = json.load(file)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def measure(config_spec: str, overrides: list[str], steps: int, by_module: int = 0, profile: int = 0) -> dict:
     config = config_lib.load_config(config_spec, overrides)
     with tempfile.TemporaryDirectory() as workdir:
         run = trainer.build_trainer(config, workdir, progress=False, with_eval=False)
@@ -84,7 +131,8 @@ def measure(config_spec: str, overrides: list[str], steps: int, by_module: int =
             state, metrics = compiled.executable(state, example, run.train_rng)
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - start) / steps
-        hlo_text = compiled.executable.as_text() if by_module else ""
+        hlo_text = compiled.executable.as_text() if by_module or profile else ""
+        events = _profile(compiled, state, example, run.train_rng, steps) if profile else []
     result = {
         "overrides": overrides,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -95,6 +143,8 @@ def measure(config_spec: str, overrides: list[str], steps: int, by_module: int =
     if by_module:
         modules = flops_by_module(hlo_text, by_module)
         result["gflop_by_module"] = {name: round(flops / 1e9, 3) for name, flops in modules.items()}
+    if profile:
+        result["ms_by_op"] = time_by_op(events, hlo_text, steps, profile)
     return result
 
 
@@ -106,13 +156,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--by_module", type=int, default=0, metavar="DEPTH",
                         help="also report the step's matmul/conv FLOPs by module path (its first DEPTH names)")  # fmt: skip
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also trace --steps more steps and report the TOP ops by time per step")  # fmt: skip
     args = parser.parse_args()
     if args.steps <= 0:
         parser.error("--steps must be positive")
-    if args.by_module < 0:
-        parser.error("--by_module must be >= 0")
+    if args.by_module < 0 or args.profile < 0:
+        parser.error("--by_module and --profile must be >= 0")
     for variant in args.variant or [""]:
-        result = measure(args.config, shlex.split(args.base) + shlex.split(variant), args.steps, args.by_module)
+        overrides = shlex.split(args.base) + shlex.split(variant)
+        result = measure(args.config, overrides, args.steps, args.by_module, args.profile)
         print(json.dumps(result), flush=True)
 
 

@@ -161,3 +161,26 @@ def test_flops_by_module_counts_each_modules_products_and_convolutions():
     flops = step_time.flops_by_module(hlo_text, 2)
     assert flops == {"Net/conv": 2 * (4 * 4 * 4 * 5) * (3 * 3 * 3), "Net/head": 2 * (4 * 7) * 80}
     assert step_time.flops_by_module(hlo_text, 1) == {"Net": flops["Net/conv"] + flops["Net/head"]}
+
+
+def test_time_by_op_sums_each_compiled_ops_trace_events_per_step():
+    step_time = load_benchmark("train_step_time")
+    hlo_text = "\n".join([
+        "ENTRY %main (p: f32[8]) -> f32[8] {",
+        '  %exp_fusion = f32[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/exp"}',
+        '  ROOT %dot.3 = f32[8]{0} dot(%exp_fusion, %exp_fusion), metadata={op_name="jit(f)/Net/head/dot_general"}',
+        "}",
+    ])  # fmt: skip
+    events = [
+        {"ph": "X", "name": "exp_fusion", "dur": 300.0},
+        {"ph": "X", "name": "dot.3", "dur": 1000.0},
+        {"ph": "X", "name": "exp_fusion", "dur": 500.0},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000.0},  # a runtime event, not an op
+        {"ph": "i", "name": "dot.3"},  # an instant event has no duration
+    ]
+    rows = step_time.time_by_op(events, hlo_text, steps=2, top=5)
+    assert rows == [
+        {"op": "dot.3", "ms": 0.5, "shape": "f32[8]", "op_name": "jit(f)/Net/head/dot_general"},
+        {"op": "exp_fusion", "ms": 0.4, "shape": "f32[8]", "op_name": "jit(f)/exp"},
+    ]
+    assert [row["op"] for row in step_time.time_by_op(events, hlo_text, steps=2, top=1)] == ["dot.3"]

@@ -51,7 +51,7 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             # Advantages only for groups whose verifier outcomes differ; the others are left out of the policy loss.
             "mixed_only": False,
             # Policy updates per rollout (PPO epochs): a rollout is collected every this many steps and replayed in
-            # between, so the later updates are off-policy and the clip acts (1 = CogniEdit: every step on-policy).
+            # between, so the later updates are off-policy and the clip can bind (1 = CogniEdit: every step on-policy).
             "updates_per_rollout": 1,
         }
     )
