@@ -35,6 +35,7 @@ from editing_jax.models.mgt import (
     standardize_code_features,
 )
 from editing_jax.models.vq import VQModel
+from editing_jax.nn.reductions import argmax_last
 from editing_jax.sampling import attention_maps, maskgit
 from editing_jax.text.encoder import CaptionChangeHead, TextEncoder, caption_change_loss
 from editing_jax.text.tokenizer import WordTokenizer
@@ -362,7 +363,7 @@ def make_loss(model: EditMGT, *, cfg_dropout: float = 0.1, edit_weight: float = 
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, L]
         masked_f = masked.astype(jnp.float32)  # [B, L]
         weights = masked_f
-        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        correct = (argmax_last(logits) == labels).astype(jnp.float32)
         metrics = {
             "masked_accuracy": jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0),
             "mask_rate": jnp.mean(fraction),

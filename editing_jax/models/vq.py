@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from editing_jax.models.flow_dit import pack_latents, unpack_latents
 from editing_jax.nn import conv
+from editing_jax.nn.reductions import argmax_last
 
 Dtype = Any
 
@@ -149,7 +150,7 @@ class VectorQuantizer(nn.Module):
         scores = jnp.einsum("nd,kd->nk", flat, codebook, precision=jax.lax.Precision.HIGHEST)  # [N, K]
         if not self.l2_normalize:  # argmin ||z - e||^2 = argmax (z.e - ||e||^2 / 2)
             scores = scores - 0.5 * jnp.sum(jnp.square(codebook), axis=-1)
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32).reshape(z.shape[:-1])
+        return argmax_last(scores).reshape(z.shape[:-1])
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Code vectors for indices [...] -> [..., D] float32."""

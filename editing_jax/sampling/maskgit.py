@@ -23,6 +23,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from editing_jax.nn.reductions import argmax_last
+
 # logits_fn(tokens [B, L] int32, step [] int32) -> (cond [B, L, V], uncond [B, L, V] | None[, scores [B, L]])
 LogitsFn = Callable[[jax.Array, jax.Array], tuple]
 # attention_fn(tokens [B, L] int32, step [] int32) -> scores [B, L] in [0, 1]
@@ -69,7 +71,7 @@ def sample_categorical(rng: jax.Array, logits: jax.Array, temperature: jax.Array
 
     Inverse-CDF sampling with one uniform per row (`temperature` may be traced).
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_last(logits)
     probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), axis=-1)  # [..., V]
     cdf = jnp.cumsum(probs, axis=-1)  # [..., V]
     u = jax.random.uniform(rng, logits.shape[:-1], jnp.float32)[..., None] * cdf[..., -1:]  # [..., 1]
