@@ -11,10 +11,10 @@ _EXACT_FLOAT_INDICES = 2**24  # float32 holds every integer index below this exa
 def argmax_last(x: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)` as int32 (the first index of the maximum), computed as two plain reductions.
 
-    XLA:CPU runs argmax's paired (value, index) reduction 2-3x slower than a max followed by a max of the negated
-    indices where the row reaches it (20 vs 8 ms for `[4096, 1024]` float32 on 2 cores; the VQ's nearest-code search
-    and the EditMGT loss's accuracy take three such argmaxes per training step, docs/RESULTS.md, EditMGT: "Where the
-    step's time goes"). The result equals `jnp.argmax` for rows without NaN, ties included; a row holding a NaN
+    XLA:CPU runs argmax's paired (value, index) reduction 3-4x slower than a max followed by a max of the negated
+    indices where the row reaches it (20-23 ms against 5-8 ms for `[4096, 1024]` float32 on 2 cores; the VQ's
+    nearest-code search and the EditMGT loss's accuracy take three such argmaxes per training step, docs/RESULTS.md,
+    EditMGT: "One code head, and where the step's time goes"). The result equals `jnp.argmax` for rows without NaN, ties included; a row holding a NaN
     gives 0. The maximum is kept out of the second reduction's fusion, which would otherwise recompute it.
     """
     size = x.shape[-1]
