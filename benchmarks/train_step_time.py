@@ -38,7 +38,14 @@ from editing_jax import config_lib
 from editing_jax.train import checkpoint, sharding, trainer
 
 _SHAPE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _PRODUCT = re.compile(r"= \w+\[([\d,]*)\]\{[^}]*\} (dot|convolution)\(%([\w.\-]+), %([\w.\-]+)\)(.*)")
+
+
+def _op_name(text: str, default: str) -> str:
+    """The `op_name` metadata of an HLO instruction's text, or `default`."""
+    match = _OP_NAME.search(text)
+    return match.group(1) if match else default
 
 
 def _dims(text: str) -> list[int]:
@@ -67,8 +74,7 @@ def flops_by_module(hlo_text: str, depth: int) -> dict[str, float]:
             kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
             kernel = shapes[rhs]
             size = math.prod(kernel) // kernel[kernel_labels.index("o")]
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        path = re.sub(r"\b(jit|jvp|transpose|checkpoint|remat)\(|\)", "", op_name.group(1) if op_name else "?")
+        path = re.sub(r"\b(jit|jvp|transpose|checkpoint|remat)\(|\)", "", _op_name(rest, "?"))
         names = [n for n in path.split("/") if n][1:]  # drop the jitted function's name
         totals["/".join(names[:depth]) or "?"] += 2.0 * out * size
     return dict(totals.most_common())
@@ -88,8 +94,7 @@ def time_by_op(trace_events: list[dict], hlo_text: str, steps: int, top: int) ->
     for line in hlo_text.splitlines():
         match = _INSTRUCTION.match(line)
         if match:
-            op_name = re.search(r'op_name="([^"]*)"', line)
-            instructions[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "")
+            instructions[match.group(1)] = (match.group(2), _op_name(line, ""))
     totals = collections.Counter()
     for event in trace_events:
         if event.get("ph") == "X" and event.get("name") in instructions:

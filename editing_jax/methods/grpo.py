@@ -302,7 +302,8 @@ def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_
         start = jax.random.randint(start_rng, (), 0, settings.num_steps - k + 1)
         x_T = jax.random.normal(noise_rng, cond.shape, jnp.float32)
         mask = flow.sde_window_mask(settings.num_steps, start, k)
-        x_0, trajectory, old_log_probs = flow.sample(velocity_fn(model, policy, text, cond), x_T, timesteps=schedule, rng=sde_rng,
+        velocity = velocity_fn(model, policy, text, cond)
+        x_0, trajectory, old_log_probs = flow.sample(velocity, x_T, timesteps=schedule, rng=sde_rng,
                                                      noise_level=settings.noise_level, sde_steps_mask=mask)  # fmt: skip
         edited = model.decode(model_state, x_0)  # [N, S, S, 3] uint8
         shape = jax.ShapeDtypeStruct((count, 2), jnp.float32)

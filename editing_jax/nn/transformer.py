@@ -91,9 +91,10 @@ class Dense(nn.Module):
             (in_features, self.features),
             self.param_dtype,
         )
+        kernel = kernel.astype(self.dtype)
         if kernel_offset is not None:
-            kernel = kernel.astype(self.dtype) + kernel_offset.astype(self.dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))  # [..., out]
+            kernel = kernel + kernel_offset.astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel)  # [..., out]
         if self.lora_rank > 0:
             lora_a = self.param(
                 "lora_a",
