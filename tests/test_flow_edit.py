@@ -17,6 +17,7 @@ from editing_jax.data.world import edits
 from editing_jax.methods import editmgt, flow_edit
 from editing_jax.models.autoencoder import AutoencoderKL
 from editing_jax.models.flow_dit import FlowDiT
+from editing_jax.nn.transformer import DEFAULT_LORA_TARGETS
 from editing_jax.sampling import flow
 from editing_jax.text.encoder import TextEncoder
 from editing_jax.text.tokenizer import WordTokenizer
@@ -480,8 +481,9 @@ def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sf
 def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
     # LoRA-only params, an on-policy ratio of 1, a world reward. Dense GRPO replays each rollout twice (steps 1-2
     # share one, step 3 collects the next): the buffer is sharded, checkpointed and on-policy again at step 3.
+    # Flow-GRPO puts its adapters on the layers `model.lora_targets` names, here one attention and one MLP layer.
     for name, extra in (
-        ("grpo", ()),
+        ("grpo", ("--config.model.lora_targets=('to_q', 'proj_mlp')",)),
         ("dense_grpo", ("--config.grpo.updates_per_rollout=2", "--config.train.num_steps=3")),
     ):
         code = cli.main(["--quiet", "train", "--config", f"configs/cogniedit/{name}.py:tiny", "--workdir",
@@ -493,6 +495,9 @@ def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
         assert summary["compile"]["num_params"] < 10_000  # adapters only (the tiny DiT has ~60 k params)
         assert 0.0 <= metrics["reward"] <= 15.0 and metrics["log_ratio_abs"] < 1e-3
         assert 0.0 <= summary["eval"]["eval/verifier_success"] <= 1.0
+        adapted = {path[-2].key for path, _ in jax.tree_util.tree_leaves_with_path(
+            checkpoint.load_trained(sft_run / name).params["lora"])}  # fmt: skip
+        assert adapted == ({"to_q", "proj_mlp"} if name == "grpo" else set(DEFAULT_LORA_TARGETS))
 
 
 def test_dense_grpo_with_token_focus_trains_and_edits(sft_run, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from editing_jax import config_lib
+from editing_jax.nn.transformer import DEFAULT_LORA_TARGETS
 from editing_jax.train import defaults
 
 
@@ -25,6 +26,9 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
         {
             "lora_rank": 4,  # CogniEdit: rank 4, alpha 4
             "lora_alpha": 4.0,
+            # Block Dense layers that get adapters (CogniEdit: attention projections); add 'proj', 'net_2',
+            # 'proj_mlp', 'proj_out' for the MLPs and the single blocks' output.
+            "lora_targets": DEFAULT_LORA_TARGETS,
             # Dynamic Token Focus Relocation (models/token_focus.py), trained with the adapters; 0 tokens = off.
             "token_focus_tokens": 4 if focus else 0,
             "token_focus_layers": (),  # () = every block

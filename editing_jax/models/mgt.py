@@ -41,6 +41,7 @@ from editing_jax.nn.transformer import (
     TextCrossAttention,
     block_scope_name,
     grid_position_features,
+    matmul_last,
     stack_captured_attention,
 )
 
@@ -486,7 +487,7 @@ class MaskedGenerativeTransformer(nn.Module):
         if codes is not None:
             if not self.fused_code_head:
                 queries = self.content_query(hidden)  # [B, h, w, E]
-                content = jnp.einsum("bhwe,ve->bhwv", queries, keys.astype(queries.dtype)) / np.sqrt(self.embed_dim)
+                content = matmul_last(queries, keys.T.astype(queries.dtype)) / np.sqrt(self.embed_dim)  # [B, h, w, V]
                 logits = logits + content.astype(logits.dtype)
             if self.text_code_score:
                 text_query = self.text_code_query(pooled_text.astype(self.dtype))  # [B, E]
