@@ -180,8 +180,9 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
                                                  weight_decay=0.01)  # fmt: skip
     # quick: the quickstart's schedule, sized to its 15-minute budget on 2 CPU cores (1,800 steps of the larger model
     # until the eleventh session, 1,200 until the fourteenth, 2,800 until the faster argmax of the twenty-fourth,
-    # 3,100 until the rank-2 products of the twenty-fifth; docs/RESULTS.md, EditMGT: Quickstart). long: the 2-hour budget for the longer config (28,000 steps, 106
-    # min alone on 2 cores; 9,400 until the twenty-first session; docs/RESULTS.md, EditMGT: "28,000 steps").
+    # 3,100 until the rank-2 products of the twenty-fifth; docs/RESULTS.md, EditMGT: Quickstart). long: the issue's
+    # 2-hour budget for the longer config (28,000 steps, 106 min alone on 2 cores before the rank-2 products; 9,400
+    # until the twenty-first session; docs/RESULTS.md, EditMGT: "28,000 steps").
     num_steps = 10 if tiny else (28000 if long else 4200 if quick else 5000)
     config.train = defaults.train_config(
         num_steps=num_steps,
