@@ -333,7 +333,7 @@ class MaskedGenerativeTransformer(nn.Module):
         prediction = gate * out[..., :-1] + (1.0 - gate) * source_pixels  # [B, h, w, N, C]
         flat_codes = code_pixels.reshape(vocab, -1)  # [V, N*C]
         flat = prediction.reshape(*prediction.shape[:3], -1)  # [B, h, w, N*C]
-        distance = (jnp.sum(flat**2, -1, keepdims=True) - 2.0 * jnp.einsum("bhwf,vf->bhwv", flat, flat_codes)
+        distance = (jnp.sum(flat**2, -1, keepdims=True) - 2.0 * matmul_last(flat, flat_codes.T)
                     + jnp.sum(flat_codes**2, -1))  # fmt: skip
         return -jnp.exp(self.pixel_log_scale) * distance, prediction
 

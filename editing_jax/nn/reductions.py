@@ -14,8 +14,9 @@ def argmax_last(x: jax.Array) -> jax.Array:
     XLA:CPU runs argmax's paired (value, index) reduction 3-4x slower than a max followed by a max of the negated
     indices where the row reaches it (20-23 ms against 5-8 ms for `[4096, 1024]` float32 on 2 cores; the VQ's
     nearest-code search and the EditMGT loss's accuracy take three such argmaxes per training step, docs/RESULTS.md,
-    EditMGT: "One code head, and where the step's time goes"). The result equals `jnp.argmax` for rows without NaN, ties included; a row holding a NaN
-    gives 0. The maximum is kept out of the second reduction's fusion, which would otherwise recompute it.
+    EditMGT: "One code head, and where the step's time goes"). The result equals `jnp.argmax` for rows without NaN,
+    ties included; a row holding a NaN gives 0. The maximum is kept out of the second reduction's fusion, which would
+    otherwise recompute it.
     """
     size = x.shape[-1]
     if size >= _EXACT_FLOAT_INDICES:

@@ -105,7 +105,8 @@ class Dense(nn.Module):
         kernel = kernel.astype(self.dtype)
         if kernel_offset is not None:
             kernel = kernel + kernel_offset.astype(self.dtype)
-        y = matmul_last(x.astype(self.dtype), kernel)  # [..., out]
+        x = x.astype(self.dtype)
+        y = matmul_last(x, kernel)  # [..., out]
         if self.lora_rank > 0:
             lora_a = self.param(
                 "lora_a",
@@ -121,7 +122,7 @@ class Dense(nn.Module):
                 (self.lora_rank, self.features),
                 self.param_dtype,
             )
-            down = matmul_last(x.astype(self.dtype), lora_a.astype(self.dtype))  # [..., r]
+            down = matmul_last(x, lora_a.astype(self.dtype))  # [..., r]
             y = y + matmul_last(down, lora_b.astype(self.dtype)) * (self.lora_alpha / self.lora_rank)  # [..., out]
         if self.use_bias:
             bias = self.param(
