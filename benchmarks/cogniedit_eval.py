@@ -4,7 +4,8 @@
       --out benchmarks/results/cogniedit_eval.json
 
 Each run's editor is rebuilt from its saved config and evaluated with ODE edits (its sampling settings, the same
-seeds for every run): verifier success overall and per edit type, preservation L1 and the mean world reward.
+seeds for every run): verifier success overall and per edit type, preservation L1, the mean world reward and the
+edits' mean brightness in [0, 1] (what `grpo.reward=brightness` sanity-check runs optimize).
 `--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws
 only those edit types (a larger sample of the types an RL curriculum trains on).
 """
@@ -43,13 +44,14 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
     settings = flow_edit.FlowSettings.from_config(editor.config.sampling, guidance_scale=guidance_scale,
                                                   num_steps=steps)  # fmt: skip
     edit_fn = flow_edit.make_edit_fn(editor.model, settings)
-    rewards, successes, l1s, types = [], [], [], []
+    rewards, successes, l1s, types, brightness = [], [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
         out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index)
         scores = grpo.host_world_reward(batch["source_image"], out["images"], batch["source_scene_bytes"],
                                         batch["target_scene_bytes"], batch["edit_mask"])  # fmt: skip
         verified = editmgt.score_edits(out, batch)
         rewards.append(scores[:, 0])
+        brightness.append(np.asarray(out["images"], np.float32).mean(axis=(1, 2, 3)) / 255.0)
         successes.append(verified["success"])
         l1s.append(verified["preservation_l1"])
         types.extend(str(t) for t in batch["edit_type"])
@@ -62,6 +64,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
         "verifier_success": float(success.mean()),
         "preservation_l1": float(np.nanmean(np.concatenate(l1s))),
         "mean_reward": float(np.concatenate(rewards).mean()),
+        "mean_brightness": float(np.concatenate(brightness).mean()),
         "per_edit_type": {t: float(success[types == t].mean()) for t in sorted(set(types.tolist()))},
         "per_example_success": success.astype(int).tolist(),  # for `editing-jax compare FILE#ROW`
         "per_example_edit_type": types.tolist(),

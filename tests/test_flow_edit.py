@@ -328,6 +328,36 @@ def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(
     assert mixed() > 0.0
 
 
+def test_shared_initial_noise_makes_a_group_differ_only_by_its_window(tiny_flow):
+    from editing_jax.methods import grpo
+
+    model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(lora_rank=2))
+    batch = {
+        **tiny_flow.arrays,
+        "edit_mask": jnp.zeros((2, 8, 8), bool),
+        "source_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
+        "target_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
+    }
+
+    def window_states(shared):  # (x_start, last stored state), each [B, G, L, C]
+        settings = grpo.GRPOSettings(group_size=3, window=1, num_steps=3, shared_initial_noise=shared)
+        reward_fn = lambda *_: np.zeros((6, 2), np.float32)  # noqa: E731
+        variables = grpo.make_objective(
+            model, tiny_flow.params, tiny_flow.state, settings, flow_edit.FlowSettings(num_steps=2), reward_fn
+        ).init(jax.random.key(0), batch)
+        policy = grpo.editor_params(variables["params"], variables)
+        rollout = grpo.make_rollout_fn(model, settings, reward_fn)
+        out = jax.jit(rollout)(policy, variables, batch, jax.random.key(3))
+        assert int(out["start"]) > 0  # the window starts after an ODE step, which the group then shares
+        return [np.asarray(x).reshape(2, 3, *x.shape[1:]) for x in (out["x_start"], out["stored"][-1])]
+
+    start, end = window_states(shared=True)
+    np.testing.assert_array_equal(start, np.repeat(start[:, :1], 3, axis=1))
+    assert not np.allclose(end[:, 0], end[:, 1]) and not np.allclose(start[0, 0], start[1, 0])
+    start, _ = window_states(shared=False)
+    assert not np.allclose(start[:, 0], start[:, 1])
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dense_grpo"])
 def test_updates_per_rollout_replay_one_rollout_off_policy(tiny_flow, algorithm):
     from editing_jax.methods import grpo
@@ -473,7 +503,7 @@ def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sf
     row = cogniedit_eval.evaluate_run(str(sft_run / "sft"), "val", 4, 4, "remove,style", 2.0, 2)
     assert set(row["per_edit_type"]) <= {"remove", "style"} and row["per_edit_type"]
     assert row["guidance_scale"] == 2.0 and row["num_steps"] == 2
-    assert 0.0 <= row["verifier_success"] <= 1.0
+    assert 0.0 <= row["verifier_success"] <= 1.0 and 0.0 < row["mean_brightness"] < 1.0
     assert len(row["per_example_success"]) == 4 and set(row["per_example_edit_type"]) == set(row["per_edit_type"])
     assert np.mean(row["per_example_success"]) == pytest.approx(row["verifier_success"])
 

@@ -135,6 +135,27 @@ def test_scene_strings_round_trip_through_bytes():
         grpo.encode_strings(["too long"], 4)
 
 
+def test_brightness_reward_scores_brightness_and_keeps_the_verifier_success():
+    from editing_jax.data.world import edits
+
+    samples = [edits.generate_sample("test", 0, i, edits.WorldConfig(size=32)) for i in range(4)]
+    examples = [s.to_example() for s in samples]
+    source = np.stack([s.source_image for s in samples])  # [4, 32, 32, 3] uint8
+    target = np.stack([s.target_image for s in samples])
+    edited = np.concatenate([target[:2], source[2:3], np.full_like(source[3:], 255)])  # two right, a no-op, white
+    args = (grpo.encode_strings([e["source_scene"] for e in examples]),
+            grpo.encode_strings([e["target_scene"] for e in examples]),
+            np.stack([e["edit_mask"] for e in examples]))  # fmt: skip
+    world = grpo.host_world_reward(source, edited, *args)
+    bright = grpo.host_brightness_reward(source, edited, *args)
+    assert bright.shape == (4, 2) and bright.dtype == np.float32
+    np.testing.assert_allclose(bright[:, 0], 15.0 * edited.mean(axis=(1, 2, 3)) / 255.0, rtol=1e-6)
+    assert bright[3, 0] == pytest.approx(15.0)
+    np.testing.assert_array_equal(bright[:, 1], world[:, 1])
+    assert world[:2, 1].tolist() == [1.0, 1.0] and world[3, 1] == 0.0
+    assert set(grpo.REWARD_FNS) == set(grpo.REWARDS)
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="algorithm"):
         grpo.GRPOSettings(algorithm="ppo")
@@ -142,3 +163,5 @@ def test_settings_validation():
         grpo.GRPOSettings(window=11, num_steps=10)
     with pytest.raises(ValueError, match="group_size"):
         grpo.GRPOSettings(group_size=1)
+    with pytest.raises(ValueError, match="reward"):
+        grpo.GRPOSettings(reward="aesthetic")

@@ -4,9 +4,12 @@ Each train step is on-policy and self-contained (with `updates_per_rollout` U > 
 the rollout is replayed from the model state in between, as PPO's epochs: see `make_loss`):
   1. Rollout (no gradient): the batch's B inputs are repeated G times; every sample integrates the ODE from noise
      except an SDE window of k consecutive steps [r, r + k) starting at a random r (one r per step, shared by the
-     batch), recording the window's states, noises and Gaussian log-probs (`sampling.flow`).
+     batch), recording the window's states, noises and Gaussian log-probs (`sampling.flow`). With
+     `shared_initial_noise` the G samples of an input start from the same noise, so they reach the window in the
+     same state and differ only by the window's noises, the actions the policy loss credits.
   2. Reward: the decoded edits are scored on the host by `rewards.world.WorldReward` (alignment + coherence +
-     consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays.
+     consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays
+     (`reward='brightness'`: the edit's mean brightness instead, a sanity check of the RL machinery).
   3. Advantages over the whole batch: A = clip((R - mean) / (std + eps), -c, c) with mean and std over all B x G
      rewards (CogniEdit's batch-level statistics, vs Flow-GRPO's per-prompt groups: `advantage='group'`);
      with `success_bonus` > 0, verifier successes get that bonus before the standardization (`advantage_rewards`);
@@ -53,6 +56,7 @@ from editing_jax.train.objective import Batch, LossAux, Objective
 PyTree = Any
 ALGORITHMS = ("grpo", "dense_grpo")
 ADVANTAGES = ("batch", "group")
+REWARDS = ("world", "brightness")
 SCENE_BYTES = 4096  # Padded UTF-8 length of a scene-graph JSON in a device batch.
 
 
@@ -74,10 +78,14 @@ class GRPOSettings:
     success_bonus: float = 0.0
     mixed_only: bool = False
     updates_per_rollout: int = 1
+    reward: str = "world"
+    shared_initial_noise: bool = False
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
         if not 1 <= self.window <= self.num_steps:
@@ -272,6 +280,20 @@ def host_world_reward(source, edited, source_scene, target_scene, edit_mask) -> 
     return np.stack([out["reward"], out["success"]], axis=-1).astype(np.float32)
 
 
+def host_brightness_reward(source, edited, source_scene, target_scene, edit_mask) -> np.ndarray:
+    """float32 `[N, 2]`: (15 * mean brightness of the edit in [0, 1], world verifier success).
+
+    A sanity-check reward for the RL machinery (DDPO's compressibility plays this part): any working policy gradient
+    raises it quickly. The verifier's success is still reported, so the log shows what chasing it costs the edits.
+    """
+    brightness = np.asarray(edited, np.float32).mean(axis=(1, 2, 3)) / 255.0  # [N]
+    success = host_world_reward(source, edited, source_scene, target_scene, edit_mask)[:, 1]
+    return np.stack([15.0 * brightness, success], axis=-1).astype(np.float32)
+
+
+REWARD_FNS = {"world": host_world_reward, "brightness": host_brightness_reward}
+
+
 # ---- the objective ---------------------------------------------------------------------------------------------
 
 
@@ -300,7 +322,10 @@ def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_
         count = cond.shape[0]
         start_rng, noise_rng, sde_rng = jax.random.split(rng, 3)
         start = jax.random.randint(start_rng, (), 0, settings.num_steps - k + 1)
-        x_T = jax.random.normal(noise_rng, cond.shape, jnp.float32)
+        if settings.shared_initial_noise:  # a group's samples differ only by the window's noises
+            x_T = repeat(jax.random.normal(noise_rng, (count // group, *cond.shape[1:]), jnp.float32))
+        else:
+            x_T = jax.random.normal(noise_rng, cond.shape, jnp.float32)  # [N, L, C]
         mask = flow.sde_window_mask(settings.num_steps, start, k)
         velocity = velocity_fn(model, policy, text, cond)
         x_0, trajectory, old_log_probs = flow.sample(velocity, x_T, timesteps=schedule, rng=sde_rng,
@@ -474,4 +499,6 @@ def build_objective(config) -> Objective:
     if settings.updates_per_rollout > 1 and int(config.train.grad_accum_steps) > 1:
         raise ValueError("grpo.updates_per_rollout > 1 replays one rollout per step: set train.grad_accum_steps=1")
     eval_settings = flow_edit.FlowSettings.from_config(config.sampling)
-    return make_objective(model, sft.inference_params, sft.model_state, settings, eval_settings)
+    return make_objective(
+        model, sft.inference_params, sft.model_state, settings, eval_settings, reward_fn=REWARD_FNS[settings.reward]
+    )

@@ -57,6 +57,12 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             # Policy updates per rollout (PPO epochs): a rollout is collected every this many steps and replayed in
             # between, so the later updates are off-policy and the clip can bind (1 = CogniEdit: every step on-policy).
             "updates_per_rollout": 1,
+            # 'world': the verifier's alignment + coherence + consistency (CogniEdit's eq. 12); 'brightness': a
+            # sanity check of the RL machinery (mean brightness of the edit; success is still the verifier's).
+            "reward": "world",
+            # The G samples of an input start from the same noise, so their outcomes differ only through the SDE
+            # window (the steps the loss credits); False = independent noises (Flow-GRPO, CogniEdit).
+            "shared_initial_noise": False,
         }
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
