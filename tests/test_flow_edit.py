@@ -293,9 +293,8 @@ def test_edit_is_the_ode_sample_of_the_model(tiny_flow):
     assert not np.allclose(with_cfg["latents"], out["latents"], atol=1e-3)
 
 
-def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(tiny_flow):
-    from editing_jax.methods import grpo
-
+def _lora_editor_and_rl_batch(tiny_flow):
+    """The tiny editor with rank-2 adapters, and its batch with the (empty) fields the GRPO rollout reads."""
     model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(lora_rank=2))
     batch = {
         **tiny_flow.arrays,
@@ -303,6 +302,13 @@ def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(
         "source_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
         "target_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
     }
+    return model, batch
+
+
+def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(tiny_flow):
+    from editing_jax.methods import grpo
+
+    model, batch = _lora_editor_and_rl_batch(tiny_flow)
     outcomes = {"scores": None}  # (reward, success) per sample, rows grouped as [B, G] = [2, 2]
 
     def fake_reward(*_):
@@ -331,13 +337,7 @@ def test_mixed_only_takes_the_policy_gradient_from_groups_whose_outcomes_differ(
 def test_shared_initial_noise_makes_a_group_differ_only_by_its_window(tiny_flow):
     from editing_jax.methods import grpo
 
-    model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(lora_rank=2))
-    batch = {
-        **tiny_flow.arrays,
-        "edit_mask": jnp.zeros((2, 8, 8), bool),
-        "source_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
-        "target_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
-    }
+    model, batch = _lora_editor_and_rl_batch(tiny_flow)
 
     def window_states(shared):  # (x_start, last stored state), each [B, G, L, C]
         settings = grpo.GRPOSettings(group_size=3, window=1, num_steps=3, shared_initial_noise=shared)
@@ -363,13 +363,7 @@ def test_updates_per_rollout_replay_one_rollout_off_policy(tiny_flow, algorithm)
     from editing_jax.methods import grpo
     from editing_jax.train import step as step_lib
 
-    model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(lora_rank=2))
-    batch = {
-        **tiny_flow.arrays,
-        "edit_mask": jnp.zeros((2, 8, 8), bool),
-        "source_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
-        "target_scene_bytes": jnp.zeros((2, 8), jnp.uint8),
-    }
+    model, batch = _lora_editor_and_rl_batch(tiny_flow)
     reward_calls = []
 
     def brightness_reward(source, edited, *_):  # (reward, success): brighter edits win, so advantages are nonzero
