@@ -51,7 +51,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
                                         batch["target_scene_bytes"], batch["edit_mask"])  # fmt: skip
         verified = editmgt.score_edits(out, batch)
         rewards.append(scores[:, 0])
-        brightness.append(np.asarray(out["images"], np.float32).mean(axis=(1, 2, 3)) / 255.0)
+        brightness.append(grpo.mean_brightness(out["images"]))
         successes.append(verified["success"])
         l1s.append(verified["preservation_l1"])
         types.extend(str(t) for t in batch["edit_type"])

@@ -56,7 +56,6 @@ from editing_jax.train.objective import Batch, LossAux, Objective
 PyTree = Any
 ALGORITHMS = ("grpo", "dense_grpo")
 ADVANTAGES = ("batch", "group")
-REWARDS = ("world", "brightness")
 SCENE_BYTES = 4096  # Padded UTF-8 length of a scene-graph JSON in a device batch.
 
 
@@ -280,18 +279,23 @@ def host_world_reward(source, edited, source_scene, target_scene, edit_mask) -> 
     return np.stack([out["reward"], out["success"]], axis=-1).astype(np.float32)
 
 
+def mean_brightness(images) -> np.ndarray:
+    """uint8 `[N, H, W, 3]` -> float32 `[N]`: each image's mean pixel value in [0, 1]."""
+    return np.asarray(images, np.float32).mean(axis=(1, 2, 3)) / 255.0
+
+
 def host_brightness_reward(source, edited, source_scene, target_scene, edit_mask) -> np.ndarray:
     """float32 `[N, 2]`: (15 * mean brightness of the edit in [0, 1], world verifier success).
 
     A sanity-check reward for the RL machinery (DDPO's compressibility plays this part): any working policy gradient
     raises it quickly. The verifier's success is still reported, so the log shows what chasing it costs the edits.
     """
-    brightness = np.asarray(edited, np.float32).mean(axis=(1, 2, 3)) / 255.0  # [N]
     success = host_world_reward(source, edited, source_scene, target_scene, edit_mask)[:, 1]
-    return np.stack([15.0 * brightness, success], axis=-1).astype(np.float32)
+    return np.stack([15.0 * mean_brightness(edited), success], axis=-1).astype(np.float32)
 
 
 REWARD_FNS = {"world": host_world_reward, "brightness": host_brightness_reward}
+REWARDS = tuple(REWARD_FNS)  # GRPOSettings.reward
 
 
 # ---- the objective ---------------------------------------------------------------------------------------------
