@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_flux import (  # noqa: E402
 )
 
 from editing_jax.convert.flux_blocks import load_safetensors_block, torch_state_dict_to_flax  # noqa: E402
-from editing_jax.nn.attention import apply_rope, dot_product_attention, rope_frequencies  # noqa: E402
+from editing_jax.nn.attention import apply_rope, rope_frequencies  # noqa: E402
 from editing_jax.nn.transformer import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
 from tests.helpers.parity import relative_error  # noqa: E402
 
@@ -243,18 +243,6 @@ def test_capture_attention(world, kind):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert probs.min() >= 0.0
     np.testing.assert_allclose(image_c, image, rtol=0, atol=1e-6)
-
-
-def test_dot_product_attention_paths_agree():
-    rng = np.random.default_rng(3)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32) for _ in range(3))
-    bias = jnp.asarray(rng.standard_normal((1, 3, 7, 7)), jnp.float32)
-    out = dot_product_attention(q, k, v, bias=bias)
-    out_c, probs = dot_product_attention(q, k, v, bias=bias, capture_probs=True)
-    np.testing.assert_allclose(out, out_c, rtol=0, atol=1e-6)
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + np.asarray(bias)
-    reference = np.exp(logits - logits.max(-1, keepdims=True))
-    np.testing.assert_allclose(probs, reference / reference.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 def test_jit_matches_eager(world):

@@ -99,9 +99,9 @@ def dot_product_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T / sqrt(Dh) + bias) v, optionally also returning the attention probabilities.
 
-    Without capture this is `jax.nn.dot_product_attention` (XLA on CPU/TPU, free to pick a fused kernel elsewhere)
-    and no probability tensor is materialized for the caller; with capture the same math is written out so the
-    `[B, H, Lq, Lk]` probabilities can be returned.
+    The products run head-major (`[B, H, L, Dh]`, batch axes leading): on XLA:CPU the sequence-major form of
+    `jax.nn.dot_product_attention` transposes the `[B, H, Lq, Lk]` logits and probabilities in the backward pass,
+    while here only the small `[B, L, H, Dh]` operands are transposed (`tests/test_attention.py`).
 
     Args:
       query: `[B, Lq, H, Dh]`.
@@ -109,25 +109,26 @@ def dot_product_attention(
       value: `[B, Lk, H, Dh]`.
       bias: optional additive logit bias broadcastable to `[B, H, Lq, Lk]` (e.g. `[1, 1, Lq, Lk]`); use a large
         negative value or `-inf` to block a query/key pair (a query row must keep at least one finite entry).
-      capture_probs: also return the float32 probabilities.
+      capture_probs: also return the probabilities (float32, or float64 for float64 inputs).
 
     Returns:
       `out [B, Lq, H, Dh]` (dtype of `value`), or `(out, probs [B, H, Lq, Lk])` when `capture_probs`.
     """
     scale = query.shape[-1] ** -0.5
+    query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))  # [B, H, L, Dh]
+    logits_dtype = jnp.promote_types(query.dtype, jnp.float32)  # float32, or float64 for float64 inputs
+    logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=logits_dtype)  # [B, H, Lq, Lk]
+    logits = logits * scale
     if bias is not None:
         bias = jnp.asarray(bias)
         if bias.ndim != 4:
             raise ValueError(f"attention bias must be 4-D (broadcastable to [B, H, Lq, Lk]), got {bias.shape}")
-        bias = bias.astype(jnp.float32)
+        logits = logits + bias.astype(logits_dtype)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, H, Lq, Lk]
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(value.dtype), value)  # [B, H, Lq, Dh]
+    out = jnp.swapaxes(out, 1, 2)  # [B, Lq, H, Dh]
     if not capture_probs:
-        return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=scale)  # [B, Lq, H, Dh]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)  # [B, H, Lq, Lk]
-    logits = logits * jnp.float32(scale)
-    if bias is not None:
-        logits = logits + bias
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, H, Lq, Lk] float32
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)  # [B, Lq, H, Dh]
+        return out
     return out, probs
 
 
