@@ -7,7 +7,9 @@ Each run's editor is rebuilt from its saved config and evaluated with ODE edits 
 seeds for every run): verifier success overall and per edit type, preservation L1, the mean world reward and the
 edits' mean brightness in [0, 1] (what `grpo.reward=brightness` sanity-check runs optimize).
 `--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws
-only those edit types (a larger sample of the types an RL curriculum trains on).
+only those edit types (a larger sample of the types an RL curriculum trains on). `--seeds K` edits every example from
+K initial noises and adds pass@k for k = 1..K (an example passes if any of its first k edits succeeds): how many
+examples the editor can already solve, the room a policy that sharpens its own samples (GRPO) has to gain.
 """
 
 from __future__ import annotations
@@ -36,9 +38,18 @@ def load_run(path: str, split: str, num: int, batch_size: int, edit_types: str =
     return editor, [grpo.prepare_batch(editor.model, batch) for batch in dataset]
 
 
+def pass_at_k(success: np.ndarray) -> list[float]:
+    """`success [K, N]` (noise seed, example) -> the fraction of examples solved by one of their first k seeds, k = 1..K."""
+    solved = np.logical_or.accumulate(np.asarray(success, bool), axis=0)  # [K, N]
+    return [float(row.mean()) for row in solved]
+
+
 def score_run(path: str, editor, batches: list[dict], guidance_scale: float | None = None,
-              steps: int | None = None) -> dict:  # fmt: skip
-    """ODE edits of `batches` at the run's sampling settings (or the given guidance / steps), scored."""
+              steps: int | None = None, noise_seed: int = 0) -> dict:  # fmt: skip
+    """ODE edits of `batches` at the run's sampling settings (or the given guidance / steps), scored.
+
+    `noise_seed` picks the initial noises (seed 0 is what every earlier result used).
+    """
     from editing_jax.methods import editmgt, flow_edit, grpo
 
     settings = flow_edit.FlowSettings.from_config(editor.config.sampling, guidance_scale=guidance_scale,
@@ -46,7 +57,9 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
     edit_fn = flow_edit.make_edit_fn(editor.model, settings)
     rewards, successes, l1s, types, brightness = [], [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
-        out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index)
+        out = editmgt.run_edits(
+            edit_fn, editor.params, editor.model_state, batch, settings, seed=index + 10_000 * noise_seed
+        )
         scores = grpo.host_world_reward(batch["source_image"], out["images"], batch["source_scene_bytes"],
                                         batch["target_scene_bytes"], batch["edit_mask"])  # fmt: skip
         verified = editmgt.score_edits(out, batch)
@@ -71,11 +84,24 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
     }
 
 
+def score_run_seeds(path: str, editor, batches: list[dict], guidance_scale: float | None = None,
+                    steps: int | None = None, seeds: int = 1) -> dict:  # fmt: skip
+    """`score_run` at noise seed 0; with `seeds` > 1 also each seed's success and pass@k over the seeds."""
+    row = score_run(path, editor, batches, guidance_scale, steps)
+    if seeds > 1:
+        success = [row["per_example_success"]]
+        success += [score_run(path, editor, batches, guidance_scale, steps, seed)["per_example_success"]
+                    for seed in range(1, seeds)]  # fmt: skip
+        row["success_per_seed"] = [float(np.mean(s)) for s in success]
+        row["pass_at_k"] = pass_at_k(np.asarray(success))
+    return row
+
+
 def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: str = "",
-                 guidance_scale: float | None = None, steps: int | None = None) -> dict:  # fmt: skip
-    """`score_run` of `load_run`."""
+                 guidance_scale: float | None = None, steps: int | None = None, seeds: int = 1) -> dict:  # fmt: skip
+    """`score_run_seeds` of `load_run`."""
     editor, batches = load_run(path, split, num, batch_size, edit_types)
-    return score_run(path, editor, batches, guidance_scale, steps)
+    return score_run_seeds(path, editor, batches, guidance_scale, steps, seeds)
 
 
 def main() -> None:
@@ -93,13 +119,16 @@ def main() -> None:
         help="classifier-free guidance scales to evaluate (default: each run's config)",
     )
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: each run's config)")
+    parser.add_argument("--seeds", type=int, default=1, help="initial noises per example; > 1 adds pass@k")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     rows = []
     for run in args.runs:
         editor, batches = load_run(run, args.split, args.num, args.batch_size, args.edit_types)
         for guidance in args.guidance:
-            row = score_run(run, editor, batches, guidance, args.steps)
+            row = score_run_seeds(run, editor, batches, guidance, args.steps, args.seeds)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("per_example")}), flush=True)
             rows.append(row)
     if args.out:
@@ -110,6 +139,8 @@ def main() -> None:
             command += " --guidance " + " ".join(str(g) for g in args.guidance)
         if args.steps is not None:
             command += f" --steps {args.steps}"
+        if args.seeds > 1:
+            command += f" --seeds {args.seeds}"
         pathlib.Path(args.out).write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
 
 

@@ -502,6 +502,24 @@ def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sf
     assert np.mean(row["per_example_success"]) == pytest.approx(row["verifier_success"])
 
 
+def test_pass_at_k_counts_examples_solved_by_any_of_the_first_k_seeds():
+    cogniedit_eval = load_benchmark("cogniedit_eval")
+    success = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]])  # [seeds, examples]
+    assert cogniedit_eval.pass_at_k(success) == [0.25, 0.5, 0.75]
+
+
+def test_cogniedit_eval_seeds_edit_from_new_noises_and_report_pass_at_k(sft_run):
+    cogniedit_eval = load_benchmark("cogniedit_eval")
+    editor, batches = cogniedit_eval.load_run(str(sft_run / "sft"), "val", 4, 4)
+    row = cogniedit_eval.score_run_seeds(str(sft_run / "sft"), editor, batches, steps=2, seeds=3)
+    assert row == {**cogniedit_eval.score_run(str(sft_run / "sft"), editor, batches, steps=2), **row}  # seed 0
+    seed1 = cogniedit_eval.score_run(str(sft_run / "sft"), editor, batches, steps=2, noise_seed=1)
+    assert row["success_per_seed"][1] == seed1["verifier_success"]
+    assert seed1["mean_brightness"] != row["mean_brightness"]  # other noises, other edits
+    assert row["pass_at_k"][0] == row["verifier_success"] and len(row["pass_at_k"]) == 3
+    assert row["pass_at_k"] == sorted(row["pass_at_k"]) and row["pass_at_k"][-1] >= max(row["success_per_seed"])
+
+
 def test_grpo_and_dense_grpo_train_on_top_of_the_sft_run(sft_run, capsys):
     # LoRA-only params, an on-policy ratio of 1, a world reward. Dense GRPO replays each rollout twice (steps 1-2
     # share one, step 3 collects the next): the buffer is sharded, checkpointed and on-policy again at step 3.
