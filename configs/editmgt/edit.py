@@ -5,7 +5,7 @@ EditMGT edit fine-tuning on (source, instruction, target) triplets: the source i
 text-to-image run (configs/editmgt/t2i.py) to start from pretrained weights.
 
 Variants (comma-separated): `size=32|64`; `quick` the quickstart's shorter schedule; `long` the quick model grounded and
-trained for 28,000 steps, ~2 h on 2 CPU cores (the best measured EditMGT recipe); `tiny` a CI-sized model.
+trained for 40,000 steps, ~2 h on 2 CPU cores (the best measured EditMGT recipe); `tiny` a CI-sized model.
 """
 
 from editing_jax.methods.editmgt_configs import editmgt_config
