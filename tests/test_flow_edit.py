@@ -358,6 +358,28 @@ def test_shared_initial_noise_makes_a_group_differ_only_by_its_window(tiny_flow)
     assert not np.allclose(start[:, 0], start[:, 1])
 
 
+def test_window_start_max_bounds_where_the_sde_window_starts(tiny_flow):
+    from editing_jax.methods import grpo
+
+    model, batch = _lora_editor_and_rl_batch(tiny_flow)
+    reward_fn = lambda *_: np.zeros((4, 2), np.float32)  # noqa: E731
+
+    def starts(window_start_max):
+        settings = grpo.GRPOSettings(group_size=2, window=1, num_steps=4, window_start_max=window_start_max)
+        variables = grpo.make_objective(
+            model, tiny_flow.params, tiny_flow.state, settings, flow_edit.FlowSettings(num_steps=2), reward_fn
+        ).init(jax.random.key(0), batch)
+        rollout = jax.jit(grpo.make_rollout_fn(model, settings, reward_fn))
+        policy = grpo.editor_params(variables["params"], variables)
+        return {int(rollout(policy, variables, batch, jax.random.key(seed))["start"]) for seed in range(12)}
+
+    assert starts(-1) == {0, 1, 2, 3}  # any start in [0, num_steps - window]
+    assert starts(1) == {0, 1} and starts(0) == {0}
+    assert grpo.GRPOSettings(window=3, num_steps=4, window_start_max=5).last_window_start == 1
+    with pytest.raises(ValueError, match="window_start_max"):
+        grpo.GRPOSettings(window_start_max=-2)
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dense_grpo"])
 def test_updates_per_rollout_replay_one_rollout_off_policy(tiny_flow, algorithm):
     from editing_jax.methods import grpo

@@ -4,7 +4,7 @@ Each train step is on-policy and self-contained (with `updates_per_rollout` U > 
 the rollout is replayed from the model state in between, as PPO's epochs: see `make_loss`):
   1. Rollout (no gradient): the batch's B inputs are repeated G times; every sample integrates the ODE from noise
      except an SDE window of k consecutive steps [r, r + k) starting at a random r (one r per step, shared by the
-     batch), recording the window's states, noises and Gaussian log-probs (`sampling.flow`). With
+     batch; `window_start_max` bounds r, 0 = always the first, highest-noise steps), recording the window's states, noises and Gaussian log-probs (`sampling.flow`). With
      `shared_initial_noise` the G samples of an input start from the same noise, so they reach the window in the
      same state and differ only by the window's noises, the actions the policy loss credits.
   2. Reward: the decoded edits are scored on the host by `rewards.world.WorldReward` (alignment + coherence +
@@ -79,6 +79,7 @@ class GRPOSettings:
     updates_per_rollout: int = 1
     reward: str = "world"
     shared_initial_noise: bool = False
+    window_start_max: int = -1
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -95,6 +96,14 @@ class GRPOSettings:
             raise ValueError(f"updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
         if self.success_bonus < 0:
             raise ValueError(f"success_bonus must be >= 0, got {self.success_bonus}")
+        if self.window_start_max < -1:
+            raise ValueError(f"window_start_max must be -1 (any start) or >= 0, got {self.window_start_max}")
+
+    @property
+    def last_window_start(self) -> int:
+        """The largest window start r the rollout draws: num_steps - window, or less with `window_start_max`."""
+        last = self.num_steps - self.window
+        return last if self.window_start_max < 0 else min(self.window_start_max, last)
 
 
 # ---- advantages and surrogate losses (pure, tested against NumPy) ----------------------------------------------
@@ -325,7 +334,7 @@ def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_
         text = model.encode_text(policy, repeat(batch["text_ids"]), repeat(batch["text_mask"]))
         count = cond.shape[0]
         start_rng, noise_rng, sde_rng = jax.random.split(rng, 3)
-        start = jax.random.randint(start_rng, (), 0, settings.num_steps - k + 1)
+        start = jax.random.randint(start_rng, (), 0, settings.last_window_start + 1)
         if settings.shared_initial_noise:  # a group's samples differ only by the window's noises
             x_T = repeat(jax.random.normal(noise_rng, (count // group, *cond.shape[1:]), jnp.float32))
         else:

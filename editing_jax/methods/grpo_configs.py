@@ -63,6 +63,9 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             # The G samples of an input start from the same noise, so their outcomes differ only through the SDE
             # window (the steps the loss credits); False = independent noises (Flow-GRPO, CogniEdit).
             "shared_initial_noise": False,
+            # The window's start r is drawn from [0, min(this, num_steps - window)]: -1 = any start (CogniEdit),
+            # 0 = always the first, highest-noise steps, where the edit's layout is chosen.
+            "window_start_max": -1,
         }
     )
     config.sampling = ml_collections.ConfigDict({"num_steps": 4 if tiny else 20, "guidance_scale": 0.0, "shift": 1.0})
