@@ -39,7 +39,7 @@ def load_run(path: str, split: str, num: int, batch_size: int, edit_types: str =
 
 
 def pass_at_k(success: np.ndarray) -> list[float]:
-    """`success [K, N]` (noise seed, example) -> the fraction of examples solved by one of their first k seeds, k = 1..K."""
+    """`success [K, N]` (noise seed, example) -> the fraction of examples one of their first k seeds solves, k = 1..K."""
     solved = np.logical_or.accumulate(np.asarray(success, bool), axis=0)  # [K, N]
     return [float(row.mean()) for row in solved]
 

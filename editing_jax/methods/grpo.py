@@ -4,9 +4,10 @@ Each train step is on-policy and self-contained (with `updates_per_rollout` U > 
 the rollout is replayed from the model state in between, as PPO's epochs: see `make_loss`):
   1. Rollout (no gradient): the batch's B inputs are repeated G times; every sample integrates the ODE from noise
      except an SDE window of k consecutive steps [r, r + k) starting at a random r (one r per step, shared by the
-     batch; `window_start_max` bounds r, 0 = always the first, highest-noise steps), recording the window's states, noises and Gaussian log-probs (`sampling.flow`). With
-     `shared_initial_noise` the G samples of an input start from the same noise, so they reach the window in the
-     same state and differ only by the window's noises, the actions the policy loss credits.
+     batch; `window_start_max` bounds r, 0 = always the first, highest-noise steps), recording the window's
+     states, noises and Gaussian log-probs (`sampling.flow`). With `shared_initial_noise` the G samples of an
+     input start from the same noise, so they reach the window in the same state and differ only by the window's
+     noises, the actions the policy loss credits.
   2. Reward: the decoded edits are scored on the host by `rewards.world.WorldReward` (alignment + coherence +
      consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays
      (`reward='brightness'`: the edit's mean brightness instead, a sanity check of the RL machinery).
