@@ -631,3 +631,59 @@ def test_a_source_read_gate_is_supervised_by_the_target_cells_once(tiny_flow):
     cells = jnp.asarray([[1.0, 0.0, 0.0, 0.0]] * 2)
     expected, _ = editmgt.text_gate_bce(gate, cells, jnp.ones((2,)))
     np.testing.assert_allclose(float(aux.metrics["text_gate_loss"]), float(expected), rtol=1e-5)
+
+
+def test_rejection_sampling_keeps_each_examples_first_accepted_edit(sft_run, monkeypatch):
+    rejection_samples = load_benchmark("rejection_samples")
+    cogniedit_eval = load_benchmark("cogniedit_eval")
+    editor, batches = cogniedit_eval.load_run(str(sft_run / "sft"), "train", 6, 3)
+    calls = []
+
+    def accept_by_pattern(outputs, batch):  # call c accepts example j of its batch when (j + c) % 3 == 0
+        c = len(calls)
+        calls.append(outputs["images"])
+        return {"success": np.array([(j + c) % 3 == 0 for j in range(len(outputs["images"]))], float)}
+
+    monkeypatch.setattr(editmgt, "score_edits", accept_by_pattern)
+    result = rejection_samples.collect(editor, batches, seeds=2, progress=False)
+    assert len(calls) == 4  # 2 batches x 2 noises: no batch was all accepted after its first noise
+    # batch 0: call 0 accepts example 0, call 1 example 2; batch 1: call 2 accepts 1, call 3 accepts 0.
+    np.testing.assert_array_equal(result["accepted"], [True, False, True, True, True, False])
+    np.testing.assert_array_equal(result["success"][:, :3], [[1, 0, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(result["images"][0], calls[0][0])
+    np.testing.assert_array_equal(result["images"][2], calls[1][2])
+    np.testing.assert_array_equal(result["images"][3], calls[3][0])  # batch 1's first acceptance of example 0
+    np.testing.assert_array_equal(result["images"][4], calls[2][1])
+    assert not result["images"][1].any()
+    assert not np.array_equal(calls[0], calls[1])  # the second noise edits differently
+    counts = rejection_samples.report(result)
+    assert counts["num_accepted"] == 4 and counts["pass_at_k"] == [2 / 6, 4 / 6]
+    assert sum(n for n, _ in counts["accepted_per_edit_type"].values()) == 4
+
+
+def test_sft_trains_on_self_samples_from_the_rejection_script(sft_run, monkeypatch, capsys):
+    rejection_samples = load_benchmark("rejection_samples")
+    calls = []
+    monkeypatch.setattr(editmgt, "score_edits",
+                        lambda outputs, batch: calls.append(1) or {"success": np.ones(len(outputs["images"]))})  # fmt: skip
+    own, world = sft_run / "own.npz", sft_run / "world.npz"
+    monkeypatch.setattr("sys.argv", ["rejection_samples.py", "--run", str(sft_run / "sft"), "--num", "5",
+                                     "--seeds", "2", "--batch_size", "4", "--out", str(own),
+                                     "--out_ground_truth", str(world)])  # fmt: skip
+    rejection_samples.main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["num_accepted"] == 5 and report["pass_at_k"] == [1.0, 1.0]
+    assert len(calls) == 2  # two batches, each done after its first noise
+    from editing_jax.data import self_samples
+
+    source = self_samples.SelfSampleSource(own)
+    np.testing.assert_array_equal(source.indices, np.arange(5))
+    assert source.own_targets and not self_samples.SelfSampleSource(world).own_targets
+    monkeypatch.undo()  # the run's own evaluation uses the real verifier
+    code = cli.main(["--quiet", "train", "--config", "configs/cogniedit/sft.py:size=32,tiny", "--workdir",
+                     str(sft_run / "rft"), f"--config.init_from={sft_run / 'sft'}", "--config.data.source=self_samples",
+                     f"--config.data.data_dir={own}", f"--config.tokenizer.checkpoint={sft_run / 'kl'}",
+                     *COMMON])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2

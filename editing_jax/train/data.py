@@ -1,4 +1,5 @@
-"""Training and evaluation data from a config's `data` section (the synthetic world, on the fly or prepared)."""
+"""Training and evaluation data from a config's `data` section (the synthetic world, on the fly or prepared, or an
+editor's own accepted edits of it: `data.source=self_samples`, see `editing_jax.data.self_samples`)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,18 @@ def _source(data_config, split: str, num_examples: int):
     if data_config.source == "world":
         world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
         return pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
+    if data_config.source == "self_samples":
+        if split == "train":  # evaluation splits stay the world's
+            from editing_jax.data import self_samples
+
+            return self_samples.load_self_sample_source(data_config.data_dir, int(data_config.size))
+        world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
+        return pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
     if data_config.source == "tfds":
         from editing_jax.data import tfds_world
 
         return tfds_world.load_world_source(data_config.data_dir, split)
-    raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds")
+    raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds, self_samples")
 
 
 def make_train_dataset(data_config, prepare=None):

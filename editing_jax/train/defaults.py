@@ -55,8 +55,10 @@ def world_data_config(size: int, *, batch_size: int, num_eval_examples: int) -> 
     """The `data` section for training on the synthetic world (see editing_jax/train/data.py)."""
     return ml_collections.ConfigDict(
         {
-            "source": "world",  # 'world': generated on the fly; 'tfds': a dataset from `editing-jax data generate`.
-            "data_dir": "",  # Dataset directory for source='tfds'.
+            # 'world': generated on the fly; 'tfds': a dataset from `editing-jax data generate`; 'self_samples': an
+            # editor's own accepted edits (`benchmarks/rejection_samples.py`, `editing_jax.data.self_samples`).
+            "source": "world",
+            "data_dir": "",  # Dataset directory for source='tfds', the .npz file for source='self_samples'.
             "size": size,
             "seed": 0,
             # Comma-separated subset of the world's edit types for source='world' ('' = all); `name:k` (or a type
