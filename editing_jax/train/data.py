@@ -27,14 +27,11 @@ def world_edit_types(data_config) -> tuple[str, ...]:
 
 
 def _source(data_config, split: str, num_examples: int):
-    if data_config.source == "world":
-        world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
-        return pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
-    if data_config.source == "self_samples":
-        if split == "train":  # evaluation splits stay the world's
-            from editing_jax.data import self_samples
+    if data_config.source == "self_samples" and split == "train":
+        from editing_jax.data import self_samples
 
-            return self_samples.load_self_sample_source(data_config.data_dir, int(data_config.size))
+        return self_samples.load_self_sample_source(data_config.data_dir, int(data_config.size))
+    if data_config.source in ("world", "self_samples"):  # a self-sample run evaluates on the world
         world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
         return pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
     if data_config.source == "tfds":
