@@ -72,3 +72,35 @@ def test_training_reads_the_self_samples_and_evaluation_the_world(tmp_path):
     evaluation = train_data.make_eval_batches(config)
     val = pipeline.WorldSource("val", 4, 0, edits.WorldConfig(size=32))
     np.testing.assert_array_equal(evaluation[0]["target_image"], np.stack([val[i]["target_image"] for i in range(4)]))
+
+
+def test_a_mixed_source_draws_the_fraction_from_the_file_and_the_rest_from_the_world(tmp_path):
+    images = np.full((2, 32, 32, 3), 7, np.uint8)
+    own = self_samples.SelfSampleSource(_save(tmp_path / "own.npz", [0, 4], images))
+    world = _world(400)
+    mixed = self_samples.MixedSource(own, world, 0.25, seed=3)
+    picks = [mixed.pick(i) for i in range(len(mixed))]
+    share = np.mean([p is not None for p in picks])
+    assert len(mixed) == 400 and 0.18 < share < 0.32  # 100 expected, binomial sd 8.7
+    assert {p for p in picks if p is not None} == {0, 1}
+    assert picks == [self_samples.MixedSource(own, world, 0.25, seed=3).pick(i) for i in range(400)]
+    assert picks != [self_samples.MixedSource(own, world, 0.25, seed=4).pick(i) for i in range(400)]
+    for i in (picks.index(None), next(i for i, p in enumerate(picks) if p is not None)):
+        expected = world[i] if picks[i] is None else own[picks[i]]
+        np.testing.assert_array_equal(mixed[i]["target_image"], expected["target_image"])
+        assert mixed[i]["instruction"] == expected["instruction"]
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="self_sample_fraction must be in"):
+            self_samples.MixedSource(own, world, fraction)
+
+
+def test_training_mixes_self_samples_into_the_world_by_the_config_fraction(tmp_path):
+    config = defaults.world_data_config(32, batch_size=64, num_eval_examples=0)
+    with config.unlocked():
+        config.source = "self_samples"
+        config.data_dir = str(_save(tmp_path / "own.npz", [0, 4], np.full((2, 32, 32, 3), 7, np.uint8)))
+        config.num_train_examples = 256
+        config.self_sample_fraction = 0.5
+    batch = next(iter(train_data.make_train_dataset(config)))
+    own_rows = (batch["target_image"] == 7).all(axis=(1, 2, 3))  # [64]
+    assert 16 < own_rows.sum() < 48  # 32 expected, binomial sd 4

@@ -8,6 +8,8 @@ world's). A file without `target_images` keeps the world's targets: the same exa
 the control that separates "train on what the editor already solves" from "train on its own outputs".
 
 Training reads one with `data.source=self_samples`, `data.data_dir=FILE.npz`; evaluation splits stay the world's.
+With `data.self_sample_fraction` f < 1, `MixedSource` draws each training element from the file with probability f
+and otherwise takes the world's training example (the editor's own edits mixed into plain SFT).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from editing_jax.data import pipeline
 from editing_jax.data.world import edits
 
-__all__ = ["SelfSampleSource", "load_self_sample_source", "save_self_samples"]
+__all__ = ["MixedSource", "SelfSampleSource", "load_self_sample_source", "save_self_samples"]
 
 _FORMAT = "editing_jax.self_samples.v1"
 
@@ -109,3 +111,34 @@ def load_self_sample_source(path: str | os.PathLike[str], size: int) -> SelfSamp
     if source.metadata["size"] != int(size):
         raise ValueError(f"{path}: self samples of size {source.metadata['size']}, the config has data.size={size}")
     return source
+
+
+class MixedSource:
+    """Self samples mixed into a world source: element i is, with probability `fraction`, a self sample chosen
+    uniformly, else `world[i]`. Both draws are fixed functions of (seed, i), so the source is deterministic and
+    picklable; its length is the world's."""
+
+    def __init__(self, self_samples: SelfSampleSource, world, fraction: float, seed: int = 0):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"self_sample_fraction must be in (0, 1], got {fraction}")
+        self.self_samples, self.world, self.fraction, self.seed = self_samples, world, float(fraction), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def pick(self, index: int) -> int | None:
+        """The self-sample index that element `index` takes, or None where it takes the world example."""
+        rng = np.random.default_rng([self.seed, int(index)])
+        if rng.random() >= self.fraction:
+            return None
+        return int(rng.integers(len(self.self_samples)))
+
+    def __getitem__(self, index: int) -> pipeline.Example:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        chosen = self.pick(index)
+        return self.world[index] if chosen is None else self.self_samples[chosen]
+
+    def __repr__(self) -> str:
+        return f"MixedSource({self.self_samples!r}, fraction={self.fraction}, world_len={len(self)})"

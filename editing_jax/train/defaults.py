@@ -59,6 +59,8 @@ def world_data_config(size: int, *, batch_size: int, num_eval_examples: int) -> 
             # editor's own accepted edits (`benchmarks/rejection_samples.py`, `editing_jax.data.self_samples`).
             "source": "world",
             "data_dir": "",  # Dataset directory for source='tfds', the .npz file for source='self_samples'.
+            # source='self_samples': the share of training examples drawn from the file; the rest are world examples.
+            "self_sample_fraction": 1.0,
             "size": size,
             "seed": 0,
             # Comma-separated subset of the world's edit types for source='world' ('' = all); `name:k` (or a type
