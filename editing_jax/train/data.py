@@ -27,24 +27,23 @@ def world_edit_types(data_config) -> tuple[str, ...]:
 
 
 def _source(data_config, split: str, num_examples: int):
-    if data_config.source in ("world", "self_samples"):  # a self-sample run evaluates on the world
-        world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
-        world_source = pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
-    if data_config.source == "self_samples" and split == "train":
-        from editing_jax.data import self_samples
-
-        own = self_samples.load_self_sample_source(data_config.data_dir, int(data_config.size))
-        fraction = float(data_config.get("self_sample_fraction", 1.0))
-        if fraction == 1.0:
-            return own
-        return self_samples.MixedSource(own, world_source, fraction, seed=int(data_config.shuffle_seed))
-    if data_config.source in ("world", "self_samples"):
-        return world_source
     if data_config.source == "tfds":
         from editing_jax.data import tfds_world
 
         return tfds_world.load_world_source(data_config.data_dir, split)
-    raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds, self_samples")
+    if data_config.source not in ("world", "self_samples"):
+        raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds, self_samples")
+    world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
+    world_source = pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
+    if data_config.source == "world" or split != "train":  # a self-sample run evaluates on the world
+        return world_source
+    from editing_jax.data import self_samples
+
+    own = self_samples.load_self_sample_source(data_config.data_dir, int(data_config.size))
+    fraction = float(data_config.get("self_sample_fraction", 1.0))
+    if fraction == 1.0:
+        return own
+    return self_samples.MixedSource(own, world_source, fraction, seed=int(data_config.shuffle_seed))
 
 
 def make_train_dataset(data_config, prepare=None):
