@@ -60,8 +60,9 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
         out = editmgt.run_edits(
             edit_fn, editor.params, editor.model_state, batch, settings, seed=index + 10_000 * noise_seed
         )
-        scores = grpo.host_world_reward(batch["source_image"], out["images"], batch["source_scene_bytes"],
-                                        batch["target_scene_bytes"], batch["edit_mask"])  # fmt: skip
+        scores = grpo.host_world_reward(batch["source_image"], out["images"], batch["target_image"],
+                                        batch["source_scene_bytes"], batch["target_scene_bytes"],
+                                        batch["edit_mask"])  # fmt: skip
         verified = editmgt.score_edits(out, batch)
         rewards.append(scores[:, 0])
         brightness.append(grpo.mean_brightness(out["images"]))

@@ -50,8 +50,8 @@ def build(batch_size: int):
     return model, {"lora": lora}, state, arrays
 
 
-def brightness_reward(source, edited, source_scene, target_scene, edit_mask):
-    del source, source_scene, target_scene, edit_mask
+def brightness_reward(source, edited, target, source_scene, target_scene, edit_mask):
+    del source, target, source_scene, target_scene, edit_mask
     value = np.asarray(edited, np.float32).mean(axis=(1, 2, 3)) / 17.0
     return np.stack([value, np.zeros_like(value)], axis=-1).astype(np.float32)
 

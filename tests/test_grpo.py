@@ -143,7 +143,7 @@ def test_brightness_reward_scores_brightness_and_keeps_the_verifier_success():
     source = np.stack([s.source_image for s in samples])  # [4, 32, 32, 3] uint8
     target = np.stack([s.target_image for s in samples])
     edited = np.concatenate([target[:2], source[2:3], np.full_like(source[3:], 255)])  # two right, a no-op, white
-    args = (grpo.encode_strings([e["source_scene"] for e in examples]),
+    args = (target, grpo.encode_strings([e["source_scene"] for e in examples]),
             grpo.encode_strings([e["target_scene"] for e in examples]),
             np.stack([e["edit_mask"] for e in examples]))  # fmt: skip
     world = grpo.host_world_reward(source, edited, *args)
@@ -153,7 +153,22 @@ def test_brightness_reward_scores_brightness_and_keeps_the_verifier_success():
     assert bright[3, 0] == pytest.approx(15.0)
     np.testing.assert_array_equal(bright[:, 1], world[:, 1])
     assert world[:2, 1].tolist() == [1.0, 1.0] and world[3, 1] == 0.0
+    fidelity = grpo.host_world_fidelity_reward(source, edited, *args)
+    np.testing.assert_array_equal(fidelity[:, 1], world[:, 1])
+    bonus = fidelity[:, 0] - world[:, 0]  # [4]: the target-fidelity term
+    np.testing.assert_allclose(bonus[:2], 5.0, rtol=1e-6)  # the exact targets
+    np.testing.assert_array_equal(bonus[2:], 0.0)  # the no-op and white: L1 to the target inside the mask > 0.1
     assert set(grpo.REWARD_FNS) == set(grpo.REWARDS)
+
+
+def test_target_fidelity_is_the_l1_inside_the_edit_mask_on_a_0_to_5_scale():
+    target = np.zeros((3, 4, 4, 3), np.uint8)
+    edited = target.copy()
+    edited[:, :2] = 51  # the top half off by 0.2 in [0, 1] units
+    mask = np.zeros((3, 4, 4), bool)
+    mask[0, :2], mask[1, 2:] = True, True  # row 0: the mask on the wrong half; row 1: on the right half; row 2: empty
+    np.testing.assert_allclose(grpo.target_fidelity(edited, target, mask), [0.0, 5.0, 5.0])
+    np.testing.assert_allclose(grpo.target_fidelity(edited, target, mask, l1_scale=0.4), [2.5, 5.0, 5.0])
 
 
 def test_settings_validation():

@@ -10,7 +10,8 @@ the rollout is replayed from the model state in between, as PPO's epochs: see `m
      noises, the actions the policy loss credits.
   2. Reward: the decoded edits are scored on the host by `rewards.world.WorldReward` (alignment + coherence +
      consistency, each on [0, 5]) through `jax.pure_callback`; scene graphs travel as padded UTF-8 byte arrays
-     (`reward='brightness'`: the edit's mean brightness instead, a sanity check of the RL machinery).
+     (`reward='brightness'`: the edit's mean brightness instead, a sanity check of the RL machinery;
+     `reward='world_fidelity'`: plus closeness to the world's target image inside the edit mask, a diagnostic).
   3. Advantages over the whole batch: A = clip((R - mean) / (std + eps), -c, c) with mean and std over all B x G
      rewards (CogniEdit's batch-level statistics, vs Flow-GRPO's per-prompt groups: `advantage='group'`);
      with `success_bonus` > 0, verifier successes get that bonus before the standardization (`advantage_rewards`);
@@ -277,7 +278,7 @@ def decode_strings(data: np.ndarray) -> list[str]:
     return [bytes(row[row != 0]).decode("utf-8") for row in np.asarray(data)]
 
 
-def host_world_reward(source, edited, source_scene, target_scene, edit_mask) -> np.ndarray:
+def host_world_reward(source, edited, target, source_scene, target_scene, edit_mask) -> np.ndarray:
     """float32 `[N, 2]`: (reward in [0, 15], verifier success) of uint8 edits, via `WorldReward` on the host."""
     from editing_jax.rewards.world import WorldReward
 
@@ -294,17 +295,43 @@ def mean_brightness(images) -> np.ndarray:
     return np.asarray(images, np.float32).mean(axis=(1, 2, 3)) / 255.0
 
 
-def host_brightness_reward(source, edited, source_scene, target_scene, edit_mask) -> np.ndarray:
+def host_brightness_reward(source, edited, target, source_scene, target_scene, edit_mask) -> np.ndarray:
     """float32 `[N, 2]`: (15 * mean brightness of the edit in [0, 1], world verifier success).
 
     A sanity-check reward for the RL machinery (DDPO's compressibility plays this part): any working policy gradient
     raises it quickly. The verifier's success is still reported, so the log shows what chasing it costs the edits.
     """
-    success = host_world_reward(source, edited, source_scene, target_scene, edit_mask)[:, 1]
+    success = host_world_reward(source, edited, target, source_scene, target_scene, edit_mask)[:, 1]
     return np.stack([15.0 * mean_brightness(edited), success], axis=-1).astype(np.float32)
 
 
-REWARD_FNS = {"world": host_world_reward, "brightness": host_brightness_reward}
+def target_fidelity(edited, target, edit_mask, l1_scale: float = 0.1) -> np.ndarray:
+    """float32 `[N]` in [0, 5]: 5 * (1 - clip(L1 / l1_scale, 0, 1)), L1 the mean absolute difference in [0, 1] units
+    between the edit and the world's target inside the edit mask (5 where the mask is empty: an identity edit)."""
+    difference = np.abs(np.asarray(edited, np.float32) - np.asarray(target, np.float32)).mean(axis=-1) / 255.0
+    mask = np.asarray(edit_mask).astype(np.float32)  # [N, H, W]
+    area = mask.sum(axis=(1, 2))
+    l1 = np.where(area > 0, (difference * mask).sum(axis=(1, 2)) / np.maximum(area, 1.0), 0.0)  # [N]
+    return (5.0 * (1.0 - np.clip(l1 / l1_scale, 0.0, 1.0))).astype(np.float32)
+
+
+def host_world_fidelity_reward(source, edited, target, source_scene, target_scene, edit_mask) -> np.ndarray:
+    """float32 `[N, 2]`: (world reward + `target_fidelity`, in [0, 20]; verifier success).
+
+    A diagnostic with privileged information (the world's target image, which real data lacks): it grades how close
+    an edit comes to the right pixels inside the edit mask, finer than the verifier's pass / fail attribute checks,
+    so it tells whether the RL fails for want of a finer reward signal.
+    """
+    world = host_world_reward(source, edited, target, source_scene, target_scene, edit_mask)
+    fidelity = target_fidelity(edited, target, edit_mask)
+    return np.stack([world[:, 0] + fidelity, world[:, 1]], axis=-1).astype(np.float32)
+
+
+REWARD_FNS = {
+    "world": host_world_reward,
+    "brightness": host_brightness_reward,
+    "world_fidelity": host_world_fidelity_reward,
+}
 REWARDS = tuple(REWARD_FNS)  # GRPOSettings.reward
 
 
@@ -346,8 +373,9 @@ def make_rollout_fn(model: flow_edit.FlowEditor, settings: GRPOSettings, reward_
                                                      noise_level=settings.noise_level, sde_steps_mask=mask)  # fmt: skip
         edited = model.decode(model_state, x_0)  # [N, S, S, 3] uint8
         shape = jax.ShapeDtypeStruct((count, 2), jnp.float32)
-        scores = jax.pure_callback(reward_fn, shape, source, edited, repeat(batch["source_scene_bytes"]),
-                                   repeat(batch["target_scene_bytes"]), repeat(batch["edit_mask"]))  # fmt: skip
+        scores = jax.pure_callback(reward_fn, shape, source, edited, repeat(batch["target_image"]),
+                                   repeat(batch["source_scene_bytes"]), repeat(batch["target_scene_bytes"]),
+                                   repeat(batch["edit_mask"]))  # fmt: skip
         scores = jax.lax.stop_gradient(scores)  # [N, 2]: (reward, success)
         shaped = advantage_rewards(scores, settings.success_bonus).reshape(-1, group)  # [B, G]
         keep = mixed_outcome_mask(scores[:, 1].reshape(-1, group)) if settings.mixed_only else jnp.ones_like(shaped)

@@ -58,7 +58,9 @@ def grpo_config(arg: str | None, algorithm: str) -> ml_collections.ConfigDict:
             # between, so the later updates are off-policy and the clip can bind (1 = CogniEdit: every step on-policy).
             "updates_per_rollout": 1,
             # 'world': the verifier's alignment + coherence + consistency (CogniEdit's eq. 12); 'brightness': a
-            # sanity check of the RL machinery (mean brightness of the edit; success is still the verifier's).
+            # sanity check of the RL machinery (mean brightness of the edit; success is still the verifier's);
+            # 'world_fidelity': 'world' plus closeness to the world's target image inside the edit mask (a
+            # diagnostic with privileged information, see grpo.host_world_fidelity_reward).
             "reward": "world",
             # The G samples of an input start from the same noise, so their outcomes differ only through the SDE
             # window (the steps the loss credits); False = independent noises (Flow-GRPO, CogniEdit).
