@@ -279,8 +279,14 @@ def decode_strings(data: np.ndarray) -> list[str]:
 
 
 def host_world_reward(source, edited, target, source_scene, target_scene, edit_mask) -> np.ndarray:
-    """float32 `[N, 2]`: (reward in [0, 15], verifier success) of uint8 edits, via `WorldReward` on the host."""
+    """float32 `[N, 2]`: (reward in [0, 15], verifier success) of uint8 edits, via `WorldReward` on the host.
+
+    Every reward callback (`REWARD_FNS`) takes (source, edited, target images `[N, S, S, 3]` uint8, source and target
+    scene bytes, edit mask `[N, S, S]`); this one grades scene graphs and does not read `target`.
+    """
     from editing_jax.rewards.world import WorldReward
+
+    del target
 
     infos = [
         {"source_scene": s, "target_scene": t, "edit_mask": np.asarray(m)}
