@@ -314,10 +314,10 @@ def host_brightness_reward(source, edited, target, source_scene, target_scene, e
 def target_fidelity(edited, target, edit_mask, l1_scale: float = 0.1) -> np.ndarray:
     """float32 `[N]` in [0, 5]: 5 * (1 - clip(L1 / l1_scale, 0, 1)), L1 the mean absolute difference in [0, 1] units
     between the edit and the world's target inside the edit mask (5 where the mask is empty: an identity edit)."""
-    difference = np.abs(np.asarray(edited, np.float32) - np.asarray(target, np.float32)).mean(axis=-1) / 255.0
-    mask = np.asarray(edit_mask).astype(np.float32)  # [N, H, W]
-    area = mask.sum(axis=(1, 2))
-    l1 = np.where(area > 0, (difference * mask).sum(axis=(1, 2)) / np.maximum(area, 1.0), 0.0)  # [N]
+    from editing_jax.data.world import verifier
+
+    outside = ~np.asarray(edit_mask, bool)  # [N, H, W]: the verifier's L1 is over the pixels outside its mask
+    l1 = np.asarray([verifier.preservation_l1(e, t, o) for e, t, o in zip(edited, target, outside, strict=True)])
     return (5.0 * (1.0 - np.clip(l1 / l1_scale, 0.0, 1.0))).astype(np.float32)
 
 
