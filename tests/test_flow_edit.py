@@ -130,37 +130,41 @@ def test_loss_regresses_the_rectified_flow_velocity(tiny_flow, train_step):
 
 
 def test_text_gate_loss_is_bce_of_the_gates_against_the_edit_mask_cells(tiny_flow):
+    # Everything jitted: op-by-op dispatch of these forwards costs minutes on a slow CPU.
     model = dataclasses.replace(tiny_flow.model, dit=tiny_flow.model.dit.clone(text_cross_attention=True))
     objective = flow_edit.make_objective(model, tiny_flow.state["tokenizer"], cfg_dropout=0.0, timestep_sampling="uniform",
                                          settings=flow_edit.FlowSettings(num_steps=3))  # fmt: skip
-    params = nn.meta.unbox(objective.init(jax.random.key(2), tiny_flow.arrays))["params"]
+    params = nn.meta.unbox(jax.jit(objective.init)(jax.random.key(2), tiny_flow.arrays))["params"]
     edit_mask = np.zeros((2, 8, 8), np.uint8)
     edit_mask[0, 1, 1] = 1  # row 0: cell (0, 0) of the 2x2 token grid
     edit_mask[1, 5, 6] = 1  # row 1: cell (1, 1)
     arrays = dict(tiny_flow.arrays, edit_mask=jnp.asarray(edit_mask))
     rng = jax.random.key(5)
-    plain, _ = flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform")(
-        params, tiny_flow.state, arrays, rng
-    )
-    gated = flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform", text_gate_weight=0.5)
+    plain = jax.jit(flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform"))
+    gated = jax.jit(flow_edit.make_loss(model, cfg_dropout=0.0, timestep_sampling="uniform", text_gate_weight=0.5))
     total, aux = gated(params, tiny_flow.state, arrays, rng)
-    # The loss's forward by hand (same rng splits), then the gate of the one text cross-attention block.
-    time_rng, noise_rng, _ = jax.random.split(rng, 3)
-    x0 = model.encode(tiny_flow.state, arrays["target_image"])  # [2, 4, C]
-    t = jax.random.uniform(time_rng, (2,), minval=1e-3, maxval=1 - 1e-3)
-    x_t = flow_edit.interpolate(x0, jax.random.normal(noise_rng, x0.shape), t)
-    text = model.encode_text(params, arrays["text_ids"], arrays["text_mask"])
-    _, variables = model._apply_dit(params, x_t, t, text, model.encode(tiny_flow.state, arrays["source_image"]),
-                                    mutable=["intermediates"])  # fmt: skip
-    gate = np.asarray(variables["intermediates"]["text_cross_blocks_0"]["text_gate"][0], np.float64)  # [2, 8]
+
+    @jax.jit
+    def gate_by_hand(params):  # the loss's forward by hand (same rng splits), then the one cross block's gate
+        time_rng, noise_rng, _ = jax.random.split(rng, 3)
+        x0 = model.encode(tiny_flow.state, arrays["target_image"])  # [2, 4, C]
+        t = jax.random.uniform(time_rng, (2,), minval=1e-3, maxval=1 - 1e-3)
+        x_t = flow_edit.interpolate(x0, jax.random.normal(noise_rng, x0.shape), t)
+        text = model.encode_text(params, arrays["text_ids"], arrays["text_mask"])
+        _, variables = model._apply_dit(params, x_t, t, text, model.encode(tiny_flow.state, arrays["source_image"]),
+                                        mutable=["intermediates"])  # fmt: skip
+        return variables["intermediates"]["text_cross_blocks_0"]["text_gate"][0]  # [2, 8]
+
+    gate = np.asarray(gate_by_hand(params), np.float64)
     cells = np.asarray([[1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
     cells = np.concatenate([cells, cells], axis=1)  # target tokens, then the reference tokens at the same cells
     expected = float(np.mean(-(cells * np.log(gate) + (1 - cells) * np.log1p(-gate))))
     np.testing.assert_allclose(float(aux.metrics["text_gate_loss"]), expected, rtol=1e-4)
-    np.testing.assert_allclose(float(total) - float(plain), 0.5 * expected, rtol=1e-4)
-    grads = jax.grad(lambda p: gated(p, tiny_flow.state, arrays, rng)[1].metrics["text_gate_loss"])(params)
+    np.testing.assert_allclose(float(total) - float(plain(params, tiny_flow.state, arrays, rng)[0]), 0.5 * expected,
+                               rtol=1e-4)  # fmt: skip
+    grads = jax.jit(jax.grad(lambda p: gated(p, tiny_flow.state, arrays, rng)[1].metrics["text_gate_loss"]))(params)
     assert float(optax.tree.norm(grads["dit"]["text_cross_blocks_0"]["to_q"])) > 0.0
-    dropped = flow_edit.make_loss(model, cfg_dropout=1.0, timestep_sampling="uniform", text_gate_weight=0.5)
+    dropped = jax.jit(flow_edit.make_loss(model, cfg_dropout=1.0, timestep_sampling="uniform", text_gate_weight=0.5))
     assert float(dropped(params, tiny_flow.state, arrays, rng)[1].metrics["text_gate_loss"]) == 0.0
     with pytest.raises(ValueError, match="edit_mask"):
         gated(params, tiny_flow.state, tiny_flow.arrays, rng)
