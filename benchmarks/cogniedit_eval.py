@@ -5,7 +5,8 @@
 
 Each run's editor is rebuilt from its saved config and evaluated with ODE edits (its sampling settings, the same
 seeds for every run): verifier success overall and per edit type, preservation L1, the mean world reward and the
-edits' mean brightness in [0, 1] (what `grpo.reward=brightness` sanity-check runs optimize).
+edits' mean brightness in [0, 1] (what `grpo.reward=brightness` sanity-check runs optimize) and their mean target
+fidelity in [0, 5] (closeness to the world's target inside the edit mask, what `grpo.reward=world_fidelity` adds).
 `--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws
 only those edit types (a larger sample of the types an RL curriculum trains on). `--seeds K` edits every example from
 K initial noises and adds pass@k for k = 1..K (an example passes if any of its first k edits succeeds): how many
@@ -55,7 +56,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
     settings = flow_edit.FlowSettings.from_config(editor.config.sampling, guidance_scale=guidance_scale,
                                                   num_steps=steps)  # fmt: skip
     edit_fn = flow_edit.make_edit_fn(editor.model, settings)
-    rewards, successes, l1s, types, brightness = [], [], [], [], []
+    rewards, successes, l1s, types, brightness, fidelity = [], [], [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
         out = editmgt.run_edits(
             edit_fn, editor.params, editor.model_state, batch, settings, seed=index + 10_000 * noise_seed
@@ -66,6 +67,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
         verified = editmgt.score_edits(out, batch)
         rewards.append(scores[:, 0])
         brightness.append(grpo.mean_brightness(out["images"]))
+        fidelity.append(grpo.target_fidelity(out["images"], batch["target_image"], batch["edit_mask"]))
         successes.append(verified["success"])
         l1s.append(verified["preservation_l1"])
         types.extend(str(t) for t in batch["edit_type"])
@@ -79,6 +81,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
         "preservation_l1": float(np.nanmean(np.concatenate(l1s))),
         "mean_reward": float(np.concatenate(rewards).mean()),
         "mean_brightness": float(np.concatenate(brightness).mean()),
+        "mean_target_fidelity": float(np.concatenate(fidelity).mean()),  # 0-5: closeness to the target in the mask
         "per_edit_type": {t: float(success[types == t].mean()) for t in sorted(set(types.tolist()))},
         "per_example_success": success.astype(int).tolist(),  # for `editing-jax compare FILE#ROW`
         "per_example_edit_type": types.tolist(),

@@ -83,6 +83,7 @@ def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sf
     assert set(row["per_edit_type"]) <= {"remove", "style"} and row["per_edit_type"]
     assert row["guidance_scale"] == 2.0 and row["num_steps"] == 2
     assert 0.0 <= row["verifier_success"] <= 1.0 and 0.0 < row["mean_brightness"] < 1.0
+    assert 0.0 <= row["mean_target_fidelity"] <= 5.0
     assert len(row["per_example_success"]) == 4 and set(row["per_example_edit_type"]) == set(row["per_edit_type"])
     assert np.mean(row["per_example_success"]) == pytest.approx(row["verifier_success"])
 
