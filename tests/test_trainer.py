@@ -182,7 +182,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference, c
 
 
 def _toy_script(workdir, out, *extra, devices=8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(REPO))
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"  # as conftest.py
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "tests.helpers.toy", "--workdir", str(workdir), "--out", str(out), *extra]
     return command, env
 
