@@ -57,7 +57,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
                                                   num_steps=steps)  # fmt: skip
     edit_fn = flow_edit.make_edit_fn(editor.model, settings)
     rewards, successes, l1s, types, brightness, fidelity = [], [], [], [], [], []
-    for index, batch in enumerate(batches):  # one edit pass per batch, scored twice on the host
+    for index, batch in enumerate(batches):  # one edit pass per batch, scored on the host
         out = editmgt.run_edits(
             edit_fn, editor.params, editor.model_state, batch, settings, seed=index + 10_000 * noise_seed
         )

@@ -16,8 +16,6 @@ from editing_jax.nn.transformer import DEFAULT_LORA_TARGETS
 from editing_jax.train import checkpoint
 from tests.helpers import load_benchmark
 
-# ---- end to end through the CLI --------------------------------------------------------------------------------
-
 SHORT = ("--config.train.num_steps=2", "--config.mesh.data=1", "--config.train.tensorboard=false")
 COMMON = (*SHORT, "--config.data.num_eval_examples=4", "--config.data.eval_batch_size=4")
 

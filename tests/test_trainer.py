@@ -182,8 +182,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference, c
 
 
 def _toy_script(workdir, out, *extra, devices=8):
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"  # as conftest.py
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(REPO))
+    device_flag = "--xla_force_host_platform_device_count="
+    flags = [flag for flag in os.environ["XLA_FLAGS"].split() if not flag.startswith(device_flag)]  # conftest.py's
+    env = dict(os.environ, XLA_FLAGS=" ".join([*flags, f"{device_flag}{devices}"]), PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "tests.helpers.toy", "--workdir", str(workdir), "--out", str(out), *extra]
     return command, env
 
