@@ -8,7 +8,8 @@ seeds for every run): verifier success overall and per edit type, preservation L
 edits' mean brightness in [0, 1] (what `grpo.reward=brightness` sanity-check runs optimize) and their mean target
 fidelity in [0, 5] (closeness to the world's target inside the edit mask, what `grpo.reward=world_fidelity` adds).
 `--guidance 0 2 4` evaluates each run at several classifier-free guidance scales; `--edit_types remove,style` draws
-only those edit types (a larger sample of the types an RL curriculum trains on). `--seeds K` edits every example from
+only those edit types (a larger sample of the types an RL curriculum trains on). `--start_time 1 0.9 0.8` starts the
+ODE from the noised source at those times (img2img, `FlowSettings.start_time`; 1 = pure noise). `--seeds K` edits every example from
 K initial noises and adds pass@k for k = 1..K (an example passes if any of its first k edits succeeds): how many
 examples the editor can already solve, the room a policy that sharpens its own samples (GRPO) has to gain.
 """
@@ -46,15 +47,15 @@ def pass_at_k(success: np.ndarray) -> list[float]:
 
 
 def score_run(path: str, editor, batches: list[dict], guidance_scale: float | None = None,
-              steps: int | None = None, noise_seed: int = 0) -> dict:  # fmt: skip
-    """ODE edits of `batches` at the run's sampling settings (or the given guidance / steps), scored.
+              steps: int | None = None, noise_seed: int = 0, start_time: float | None = None) -> dict:  # fmt: skip
+    """ODE edits of `batches` at the run's sampling settings (or the given guidance / steps / start time), scored.
 
     `noise_seed` picks the initial noises (seed 0 is what every earlier result used).
     """
     from editing_jax.methods import editmgt, flow_edit, grpo
 
     settings = flow_edit.FlowSettings.from_config(editor.config.sampling, guidance_scale=guidance_scale,
-                                                  num_steps=steps)  # fmt: skip
+                                                  num_steps=steps, start_time=start_time)  # fmt: skip
     edit_fn = flow_edit.make_edit_fn(editor.model, settings)
     rewards, successes, l1s, types, brightness, fidelity = [], [], [], [], [], []
     for index, batch in enumerate(batches):  # one edit pass per batch, scored on the host
@@ -77,6 +78,7 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
         "step": editor.step,
         "guidance_scale": settings.guidance_scale,
         "num_steps": settings.num_steps,
+        "start_time": settings.start_time,
         "verifier_success": float(success.mean()),
         "preservation_l1": float(np.nanmean(np.concatenate(l1s))),
         "mean_reward": float(np.concatenate(rewards).mean()),
@@ -89,12 +91,12 @@ def score_run(path: str, editor, batches: list[dict], guidance_scale: float | No
 
 
 def score_run_seeds(path: str, editor, batches: list[dict], guidance_scale: float | None = None,
-                    steps: int | None = None, seeds: int = 1) -> dict:  # fmt: skip
+                    steps: int | None = None, seeds: int = 1, start_time: float | None = None) -> dict:  # fmt: skip
     """`score_run` at noise seed 0; with `seeds` > 1 also each seed's success and pass@k over the seeds."""
-    row = score_run(path, editor, batches, guidance_scale, steps)
+    row = score_run(path, editor, batches, guidance_scale, steps, start_time=start_time)
     if seeds > 1:
         success = [row["per_example_success"]]
-        success += [score_run(path, editor, batches, guidance_scale, steps, seed)["per_example_success"]
+        success += [score_run(path, editor, batches, guidance_scale, steps, seed, start_time)["per_example_success"]
                     for seed in range(1, seeds)]  # fmt: skip
         row["success_per_seed"] = [float(np.mean(s)) for s in success]
         row["pass_at_k"] = pass_at_k(np.asarray(success))
@@ -102,10 +104,11 @@ def score_run_seeds(path: str, editor, batches: list[dict], guidance_scale: floa
 
 
 def evaluate_run(path: str, split: str, num: int, batch_size: int, edit_types: str = "",
-                 guidance_scale: float | None = None, steps: int | None = None, seeds: int = 1) -> dict:  # fmt: skip
+                 guidance_scale: float | None = None, steps: int | None = None, seeds: int = 1,
+                 start_time: float | None = None) -> dict:  # fmt: skip
     """`score_run_seeds` of `load_run`."""
     editor, batches = load_run(path, split, num, batch_size, edit_types)
-    return score_run_seeds(path, editor, batches, guidance_scale, steps, seeds)
+    return score_run_seeds(path, editor, batches, guidance_scale, steps, seeds, start_time)
 
 
 def main() -> None:
@@ -123,6 +126,13 @@ def main() -> None:
         help="classifier-free guidance scales to evaluate (default: each run's config)",
     )
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: each run's config)")
+    parser.add_argument(
+        "--start_time",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="ODE start times in (0, 1] to evaluate, from the noised source (default: 1, pure noise)",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="initial noises per example; > 1 adds pass@k")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -132,9 +142,10 @@ def main() -> None:
     for run in args.runs:
         editor, batches = load_run(run, args.split, args.num, args.batch_size, args.edit_types)
         for guidance in args.guidance:
-            row = score_run_seeds(run, editor, batches, guidance, args.steps, args.seeds)
-            print(json.dumps({k: v for k, v in row.items() if not k.startswith("per_example")}), flush=True)
-            rows.append(row)
+            for start_time in args.start_time:
+                row = score_run_seeds(run, editor, batches, guidance, args.steps, args.seeds, start_time)
+                print(json.dumps({k: v for k, v in row.items() if not k.startswith("per_example")}), flush=True)
+                rows.append(row)
     if args.out:
         command = f"python benchmarks/cogniedit_eval.py --runs {' '.join(args.runs)} --num {args.num}"
         if args.edit_types:
@@ -143,6 +154,8 @@ def main() -> None:
             command += " --guidance " + " ".join(str(g) for g in args.guidance)
         if args.steps is not None:
             command += f" --steps {args.steps}"
+        if args.start_time != [None]:
+            command += " --start_time " + " ".join(str(t) for t in args.start_time)
         if args.seeds > 1:
             command += f" --seeds {args.seeds}"
         pathlib.Path(args.out).write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")

@@ -192,6 +192,7 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
     return {
         "num_steps": args.steps,
         "guidance_scale": args.guidance,
+        "start_time": args.start_time,
         "gamma": args.gamma,
         "region_hold_threshold": args.region_hold_threshold,
         "filter": args.filter,
@@ -295,6 +296,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="decoding steps (default: from the checkpoint)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (0 = off)")
     parser.add_argument("--gamma", type=float, default=None, help="condition strength gamma (1 = plain attention)")
+    parser.add_argument(
+        "--start_time",
+        type=float,
+        default=None,
+        help="flow editor: start the ODE at t in (0, 1] from the noised source (img2img; default 1, pure noise)",
+    )
     parser.add_argument("--region_hold_threshold", type=float, default=None, help="lambda; 0 disables region hold")
     parser.add_argument(
         "--filter", default=None, help="attention smoothing: none/gaussian/bilateral/morphological/adaptive"

@@ -430,6 +430,8 @@ def test_sampling_settings_validation():
         editmgt.SamplingSettings.from_config(config)
     settings = editmgt.SamplingSettings.from_config(ml_collections.ConfigDict({"num_steps": 4}), num_steps=7)
     assert settings.num_steps == 7 and settings.filter == "gaussian"
+    with pytest.raises(ValueError, match="EditMGT has no start_time setting"):
+        editmgt.SamplingSettings.from_config(ml_collections.ConfigDict({"num_steps": 4}), start_time=0.5)
 
 
 def _replay_loss_forward(model, params, state, device_batch, rng, sown=()):

@@ -293,6 +293,20 @@ def test_edit_is_the_ode_sample_of_the_model(tiny_flow):
     np.testing.assert_allclose(with_cfg["latents"], np.asarray(x), atol=1e-4)
     assert not np.allclose(with_cfg["latents"], out["latents"], atol=1e-3)
 
+    # start_time 0.5 (img2img): Euler from x_0.5 = 0.5 reference + 0.5 x_1 over the schedule scaled by 0.5.
+    halfway = flow_edit.FlowSettings(num_steps=3, start_time=0.5)
+    from_source = editmgt.run_edits(flow_edit.make_edit_fn(model, halfway), params, state, batch, halfway, seed=3)
+    reference = model.encode(state, source)  # [2, L, C]
+    x, times = 0.5 * reference + 0.5 * x_1, 0.5 * np.asarray(flow.timesteps(3))
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        x = x + (t_next - t) * tiny_flow.predict(params, x, jnp.full((2,), t), ids, mask, source)
+    np.testing.assert_allclose(from_source["latents"], np.asarray(x), atol=1e-5)
+    assert not np.allclose(from_source["latents"], out["latents"], atol=1e-3)
+    # A start next to t = 0 leaves the source's latents.
+    tiny_start = flow_edit.FlowSettings(num_steps=3, start_time=1e-4)
+    kept = editmgt.run_edits(flow_edit.make_edit_fn(model, tiny_start), params, state, batch, tiny_start, seed=3)
+    np.testing.assert_allclose(kept["latents"], np.asarray(reference), atol=1e-3)
+
 
 def _lora_editor_and_rl_batch(tiny_flow):
     """The tiny editor with rank-2 adapters, and its batch with the (empty) fields the GRPO rollout reads."""
@@ -439,6 +453,10 @@ def test_settings_from_config():
         flow_edit.FlowSettings.from_config(config.sampling, region_hold_threshold=0.3)
     with pytest.raises(ValueError, match="num_steps"):
         flow_edit.FlowSettings.from_config(config.sampling, num_steps=0)
+    assert flow_edit.FlowSettings.from_config(config.sampling, start_time=0.7).start_time == 0.7
+    for start_time in (0.0, 1.5):
+        with pytest.raises(ValueError, match="start_time must be in"):
+            flow_edit.FlowSettings.from_config(config.sampling, start_time=start_time)
 
 
 def test_resolve_config_needs_a_kl_run(monkeypatch):

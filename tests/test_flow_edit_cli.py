@@ -59,7 +59,7 @@ def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
     results = json.loads(out)["results"]
     assert list(results) == ["plain"] and 0.0 <= results["plain"]["verifier_success"] <= 1.0
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["settings"] == {"num_steps": 2, "guidance_scale": 0.0, "shift": 1.0}
+    assert report["settings"] == {"num_steps": 2, "guidance_scale": 0.0, "shift": 1.0, "start_time": 1.0}
     assert sum(v["num_examples"] for v in report["results"]["plain"]["per_edit_type"].values()) == 4
 
     sample = edits.generate_sample("test", 0, 0, edits.WorldConfig(size=32))
@@ -70,6 +70,13 @@ def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["size"] == 32 and image_io.read_image(tmp_path / "out.png").shape == (32, 32, 3)
+    code = cli.main([*edit_args[:-3], str(tmp_path / "img2img.png"), "--steps", "2", "--start_time", "0.5"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert not np.array_equal(image_io.read_image(tmp_path / "img2img.png"), image_io.read_image(tmp_path / "out.png"))
+    code = cli.main([*edit_args, "--start_time", "0"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "start_time must be in (0, 1]" in err and len(err.strip().splitlines()) == 1
     code = cli.main([*edit_args, "--region_hold_threshold", "0.3"])  # EditMGT-only: one-line error
     _, err = capsys.readouterr()
     assert code == 2 and "no region_hold_threshold setting" in err and len(err.strip().splitlines()) == 1
@@ -77,9 +84,9 @@ def test_eval_and_edit_cli_load_a_flow_run(sft_run, tmp_path, capsys):
 
 def test_cogniedit_eval_draws_only_the_named_edit_types_at_the_given_guidance(sft_run):
     cogniedit_eval = load_benchmark("cogniedit_eval")
-    row = cogniedit_eval.evaluate_run(str(sft_run / "sft"), "val", 4, 4, "remove,style", 2.0, 2)
+    row = cogniedit_eval.evaluate_run(str(sft_run / "sft"), "val", 4, 4, "remove,style", 2.0, 2, start_time=0.5)
     assert set(row["per_edit_type"]) <= {"remove", "style"} and row["per_edit_type"]
-    assert row["guidance_scale"] == 2.0 and row["num_steps"] == 2
+    assert row["guidance_scale"] == 2.0 and row["num_steps"] == 2 and row["start_time"] == 0.5
     assert 0.0 <= row["verifier_success"] <= 1.0 and 0.0 < row["mean_brightness"] < 1.0
     assert 0.0 <= row["mean_target_fidelity"] <= 5.0
     assert len(row["per_example_success"]) == 4 and set(row["per_example_edit_type"]) == set(row["per_edit_type"])

@@ -79,6 +79,10 @@ class SamplingSettings:
 
     @classmethod
     def from_config(cls, config, **overrides) -> SamplingSettings:
+        names = [field.name for field in dataclasses.fields(cls)]
+        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in names)
+        if unsupported:
+            raise ValueError(f"EditMGT has no {', '.join(unsupported)} setting (flow editor only)")
         values = {field.name: config.get(field.name, field.default) for field in dataclasses.fields(cls)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["attention_layers"] = tuple(int(v) for v in values["attention_layers"])

@@ -45,7 +45,7 @@ PyTree = Any
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 MAX_VISUALIZED_ROWS = 8
 # The settings the flow sampler reads; FlowSettings' other fields only keep `editmgt.run_edits` working.
-SAMPLER_FIELDS = ("num_steps", "guidance_scale", "shift")
+SAMPLER_FIELDS = ("num_steps", "guidance_scale", "shift", "start_time")
 _UNIFORM_EPS = 1e-3  # uniform training times are drawn from [eps, 1 - eps]
 
 
@@ -57,6 +57,8 @@ class FlowSettings:
         num_steps: Euler steps from t = 1 to t = 0 (static: changes the compiled graph).
         guidance_scale: classifier-free guidance scale w, v = v_u + w (v_c - v_u); 0 turns guidance off (one pass).
         shift: SD3/Flux time shift of the sampling schedule (`sampling.flow.timesteps`); 1 is uniform.
+        start_time: t in (0, 1] where the ODE starts: from x_t = (1 - t) source + t noise (the source's normalized
+            latents, SDEdit / img2img), over the schedule scaled by t; 1 starts from pure noise (the default).
         region_hold_threshold, gamma, text_positions: EditMGT's settings, read by the shared `editmgt.run_edits`
             and ignored by the flow editor (always their neutral values).
     """
@@ -64,6 +66,7 @@ class FlowSettings:
     num_steps: int = 20
     guidance_scale: float = 0.0
     shift: float = 1.0
+    start_time: float = 1.0
     region_hold_threshold: float = 0.0
     gamma: float = 1.0
     text_positions: str = "all"
@@ -73,7 +76,7 @@ class FlowSettings:
         """Settings from a config's `sampling` section; `overrides` that are not None replace them.
 
         Raises:
-            ValueError: num_steps < 1, shift <= 0, or an override of a setting the flow editor does not have (e.g.
+            ValueError: num_steps < 1, shift <= 0, start_time outside (0, 1], or an override of a setting the flow editor does not have (e.g.
                 EditMGT's `region_hold_threshold` from the command line).
         """
         unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in SAMPLER_FIELDS)
@@ -81,11 +84,14 @@ class FlowSettings:
             raise ValueError(f"the flow editor has no {', '.join(unsupported)} setting (EditMGT only)")
         values = {name: config.get(name, getattr(cls, name)) for name in SAMPLER_FIELDS}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(int(values["num_steps"]), float(values["guidance_scale"]), float(values["shift"]))
+        settings = cls(int(values["num_steps"]), float(values["guidance_scale"]), float(values["shift"]),
+                       float(values["start_time"]))  # fmt: skip
         if settings.num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         if settings.shift <= 0:
             raise ValueError(f"shift must be > 0, got {settings.shift}")
+        if not 0.0 < settings.start_time <= 1.0:
+            raise ValueError(f"start_time must be in (0, 1], got {settings.start_time}")
         return settings
 
 
@@ -380,14 +386,15 @@ def make_edit_fn(model: FlowEditor, settings: FlowSettings):
     `edit(params, model_state, source, text_ids, text_mask, text_positions, rng, lam, gamma) -> dict`:
     encodes the source uint8 `[B, S, S, 3]` to reference latents, draws x_1 ~ N(0, I) from the first half of
     `jax.random.split(rng)`, runs `sampling.flow.sample` with the ODE on every step of `flow.timesteps(num_steps,
-    shift)` (the second half of the split is its unused SDE key) and decodes x_0. With guidance_scale w != 0 each
+    shift)` (the second half of the split is its unused SDE key) and decodes x_0. With start_time t_s < 1 it starts
+    from (1 - t_s) reference + t_s x_1 on the schedule scaled by t_s. With guidance_scale w != 0 each
     step evaluates the conditional and the empty-text velocity in one batch of 2B and uses v_u + w (v_c - v_u).
     text_positions, lam and gamma are EditMGT's arguments and are ignored.
 
     Returns:
         {'images': uint8 `[B, S, S, 3]`, 'latents': x_0 `[B, L, C]` float32 (normalized, packed)}.
     """
-    schedule = flow.timesteps(settings.num_steps, settings.shift)  # [S + 1]
+    schedule = settings.start_time * flow.timesteps(settings.num_steps, settings.shift)  # [S + 1]
     use_cfg = settings.guidance_scale != 0.0
     ode_only = jnp.zeros((settings.num_steps,), bool)  # [S]
 
@@ -411,6 +418,8 @@ def make_edit_fn(model: FlowEditor, settings: FlowSettings):
 
         noise_rng, sde_rng = jax.random.split(rng)
         x_1 = jax.random.normal(noise_rng, (batch, *reference.shape[1:]), jnp.float32)  # [B, L, C]
+        if settings.start_time < 1.0:
+            x_1 = (1.0 - settings.start_time) * reference[:batch] + settings.start_time * x_1  # x at t = start_time
         x_0, _, _ = flow.sample(velocity_fn, x_1, timesteps=schedule, rng=sde_rng, noise_level=0.0,
                                 sde_steps_mask=ode_only)  # fmt: skip
         return {"images": model.decode(model_state, x_0), "latents": x_0}
