@@ -285,10 +285,16 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
     if args.editmgt_steps is not None and args.editmgt_steps <= 0:
         raise UserError(f"--editmgt_steps must be positive, got {args.editmgt_steps}")
+    if args.minutes is not None and args.minutes <= 0:
+        raise UserError(f"--minutes must be positive, got {args.minutes}")
+    if args.minutes is not None and args.editmgt_steps is not None:
+        raise UserError("give --minutes or --editmgt_steps, not both")
     overrides = [] if args.editmgt_steps is None else [f"--config.train.num_steps={args.editmgt_steps}"]
-    report = quickstart.run(
-        args.workdir, show_progress=not args.quiet, num_eval=args.num_eval, editmgt_overrides=overrides
-    )
+    try:
+        report = quickstart.run(args.workdir, show_progress=not args.quiet, num_eval=args.num_eval,
+                                editmgt_overrides=overrides, minutes=args.minutes)  # fmt: skip
+    except quickstart.BudgetError as error:
+        raise UserError(str(error)) from error
     print(json.dumps(report["summary"], sort_keys=True))
 
 
@@ -414,7 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="EditMGT training steps (default: train.num_steps of configs/editmgt/edit.py:size=32,quick, sized to the "
-        "15-minute budget)",
+        "15-minute budget on the development CPU)",
+    )
+    quick.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-time budget for the whole run: EditMGT's steps are sized to this machine by timing a few first "
+        "(the step count goes into quickstart.json; a resumed run keeps it)",
     )
     quick.set_defaults(handler=_cmd_quickstart)
     return parser

@@ -3,7 +3,8 @@
 Stages (each resumable: a finished stage is skipped, an interrupted training resumes from its checkpoint):
   1. world: a preview grid of held-out edits and the prepared test split (tfds array_record) under `world/`;
   2. vq: `configs/tokenizer/vq.py:size=32,patch` (the local patch tokenizer), 100 k-means steps, in `vq/`;
-  3. editmgt: `configs/editmgt/edit.py:size=32,quick` in `editmgt/`, tokenizer from stage 2;
+  3. editmgt: `configs/editmgt/edit.py:size=32,quick` in `editmgt/`, tokenizer from stage 2 (with a time budget,
+     `minutes`, its step count is sized to this machine first: see `budget_steps`);
   4. eval: held-out verifier success per edit type with and without region hold, a lambda sweep, figures.
 
 Outputs in WORKDIR: quickstart.json (all metrics and stage timings), grid.png (source | output | attention map |
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any
@@ -33,6 +35,18 @@ VQ_OVERRIDES = ("--config.train.num_steps=100",)
 EDITMGT_OVERRIDES = ("--config.train.sample_every=0",)
 SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 GRID_ROWS = 10
+# A time budget sizes EditMGT from CALIBRATION_STEPS timed steps of a throwaway run. EVAL_RESERVE of the budget is
+# left for the evaluation stage (38 s of 15 min on the slowest CPU measured), the rest of the rate kept as a margin.
+CALIBRATION_STEPS = 40
+EVAL_RESERVE = 0.08
+RATE_MARGIN = 0.95
+MIN_BUDGET_STEPS = 100
+MAX_BUDGET_STEPS = 40_000  # the `long` variant's schedule
+BUDGET_FILE = "editmgt_budget.json"
+
+
+class BudgetError(ValueError):
+    """The time budget leaves too few EditMGT steps on this machine."""
 
 
 def _log(message: str) -> None:
@@ -65,6 +79,52 @@ def _train(spec: str, overrides: list[str], run_dir: pathlib.Path, show_progress
         return json.loads((run_dir / "summary.json").read_text())
     run = trainer.build_trainer(config, run_dir, progress=show_progress)
     return run.run()
+
+
+def budget_steps(minutes: float, elapsed_seconds: float, steps_per_second: float, compile_seconds: float) -> int:
+    """EditMGT steps that fit what is left of a `minutes` budget after `elapsed_seconds`.
+
+    The training gets the budget less the time spent, the evaluation's reserve (EVAL_RESERVE of the budget) and one
+    compile, at RATE_MARGIN of the calibrated rate; capped at MAX_BUDGET_STEPS.
+
+    Raises:
+        BudgetError: fewer than MIN_BUDGET_STEPS steps fit.
+    """
+    budget = 60.0 * minutes
+    seconds = budget - elapsed_seconds - EVAL_RESERVE * budget - compile_seconds
+    steps = int(max(seconds, 0.0) * steps_per_second * RATE_MARGIN)
+    if steps < MIN_BUDGET_STEPS:
+        raise BudgetError(
+            f"--minutes {minutes:g} leaves time for {steps} EditMGT steps on this machine (at {steps_per_second:.2f} "
+            f"steps/s after {elapsed_seconds:.0f} s); give it more minutes or set --editmgt_steps"
+        )
+    return min(steps, MAX_BUDGET_STEPS)
+
+
+def _sized_steps(workdir: pathlib.Path, overrides: list[str], minutes: float | None, start: float,
+                 show_progress: bool) -> int:  # fmt: skip
+    """The budget's EditMGT step count: the stored one when resuming, else calibrated now (and stored)."""
+    stored = workdir / BUDGET_FILE
+    if stored.exists():
+        record = json.loads(stored.read_text())
+        _log(f"editmgt: {record['num_steps']} steps, sized by an earlier run to {record['minutes']:g} minutes")
+        return int(record["num_steps"])
+    if (workdir / "editmgt" / "config.json").exists():
+        raise BudgetError(f"{workdir / 'editmgt'} holds a run of a fixed step count; size a new one in a new --workdir")
+    calibration_dir = workdir / "editmgt_calibration"
+    shutil.rmtree(calibration_dir, ignore_errors=True)
+    _log(f"editmgt: timing {CALIBRATION_STEPS} steps to size the run to {minutes:g} minutes")
+    calibration = _train(EDITMGT_CONFIG, [*overrides, f"--config.train.num_steps={CALIBRATION_STEPS}",
+                                          f"--config.train.checkpoint_every={CALIBRATION_STEPS}"],
+                         calibration_dir, show_progress)  # fmt: skip
+    shutil.rmtree(calibration_dir, ignore_errors=True)
+    rate, compile_seconds = calibration["steps_per_second"], calibration["compile"]["compile_seconds"]
+    steps = budget_steps(minutes, time.perf_counter() - start, rate, compile_seconds)
+    record = {"num_steps": steps, "minutes": minutes, "calibration_steps_per_second": round(rate, 3),
+              "calibration_compile_seconds": compile_seconds}  # fmt: skip
+    stored.write_text(json.dumps(record, indent=2) + "\n")
+    _log(f"editmgt: {rate:.2f} steps/s here, {steps} steps fit the budget")
+    return steps
 
 
 def _world_stage(workdir: pathlib.Path, num_eval: int, show_progress: bool) -> None:
@@ -134,8 +194,13 @@ def _figures(workdir: pathlib.Path, editor, settings, sweep: dict[str, Any]) -> 
 
 
 def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: int = 256,
-        vq_overrides: list[str] | None = None, editmgt_overrides: list[str] | None = None) -> dict:  # fmt: skip
-    """Runs all stages; returns (and writes to WORKDIR/quickstart.json) the report."""
+        vq_overrides: list[str] | None = None, editmgt_overrides: list[str] | None = None,
+        minutes: float | None = None) -> dict:  # fmt: skip
+    """Runs all stages; returns (and writes to WORKDIR/quickstart.json) the report.
+
+    `minutes`: a wall-time budget for the whole run; EditMGT's step count is then sized to this machine (timed on a
+    throwaway run, stored in WORKDIR/editmgt_budget.json so a resumed run keeps it) and overrides the config's.
+    """
     from editing_jax import inference
 
     workdir = pathlib.Path(workdir)
@@ -155,6 +220,9 @@ def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: in
     vq_summary = stage("vq", 2, lambda: _train(VQ_CONFIG, vq_all, workdir / "vq", show_progress))
     mgt_overrides = [f"--config.tokenizer.checkpoint={workdir / 'vq'}", "--config.data.num_eval_examples=0"]
     mgt_overrides += [*EDITMGT_OVERRIDES, *(editmgt_overrides or [])]
+    if minutes is not None or (workdir / BUDGET_FILE).exists():  # a resumed budget run keeps its step count
+        steps = _sized_steps(workdir, mgt_overrides, minutes, start, show_progress)
+        mgt_overrides.append(f"--config.train.num_steps={steps}")
     mgt_summary = stage("editmgt", 3, lambda: _train(EDITMGT_CONFIG, mgt_overrides, workdir / "editmgt", show_progress))
 
     def evaluate():
@@ -181,6 +249,8 @@ def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: in
         "region_hold_threshold": hold["region_hold_threshold"],
         "per_edit_type": {t: v["verifier_success"] for t, v in plain["per_edit_type"].items()},
         "vq_verifier_success": vq_summary.get("eval", {}).get("eval/verifier_success"),
+        "editmgt_steps": mgt_summary.get("steps"),
+        "minutes_budget": minutes,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "stage_seconds": timings,
     }

@@ -1,6 +1,9 @@
 """`editing-jax quickstart` end to end with every stage shortened to a few steps (the real run is in RESULTS.md)."""
 
 import json
+import time
+
+import pytest
 
 from editing_jax import cli, quickstart
 
@@ -39,3 +42,65 @@ def test_quickstart_cli_passes_editmgt_steps_and_rejects_nonpositive(tmp_path, m
     assert cli.main(["quickstart", "--workdir", str(tmp_path), "--editmgt_steps", "0"]) == 2
     assert "--editmgt_steps must be positive" in capsys.readouterr().err
     assert len(calls) == 2
+
+
+def test_budget_steps_fit_what_is_left_of_the_budget():
+    # 15 min = 900 s: 100 s spent, 72 s (8 %) kept for the evaluation, 50 s for one compile -> 678 s at 3 x 0.95 steps/s.
+    assert quickstart.budget_steps(15, 100.0, 3.0, 50.0) == int(678 * 3.0 * 0.95)
+    assert quickstart.budget_steps(15, 100.0, 1000.0, 50.0) == quickstart.MAX_BUDGET_STEPS
+    with pytest.raises(quickstart.BudgetError, match="leaves time for 0 EditMGT steps"):
+        quickstart.budget_steps(1, 100.0, 3.0, 50.0)
+    with pytest.raises(quickstart.BudgetError, match="--minutes 2 leaves time for 90 EditMGT steps"):
+        quickstart.budget_steps(2, 10.0, 1.0, 5.5)  # 120 - 10 - 9.6 - 5.5 = 94.9 s at 0.95 steps/s
+
+
+def test_budget_calibrates_once_stores_the_step_count_and_reuses_it(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(spec, overrides, run_dir, show_progress):
+        calls.append((run_dir.name, overrides))
+        run_dir.mkdir(parents=True)
+        return {"steps": 40, "steps_per_second": 4.0, "compile": {"compile_seconds": 30.0}}
+
+    monkeypatch.setattr(quickstart, "_train", fake_train)
+    start = time.perf_counter()
+    steps = quickstart._sized_steps(tmp_path, ["--a=1"], 10.0, start, show_progress=False)
+    elapsed = time.perf_counter() - start
+    assert quickstart.budget_steps(10.0, elapsed, 4.0, 30.0) <= steps <= quickstart.budget_steps(10.0, 0.0, 4.0, 30.0)
+    assert calls == [("editmgt_calibration", ["--a=1", "--config.train.num_steps=40",
+                                              "--config.train.checkpoint_every=40"])]  # fmt: skip
+    assert not (tmp_path / "editmgt_calibration").exists()  # the throwaway run is removed
+    record = json.loads((tmp_path / quickstart.BUDGET_FILE).read_text())
+    assert record["num_steps"] == steps and record["minutes"] == 10.0
+    # A resumed run keeps the stored count, whatever its own budget, and times nothing.
+    assert quickstart._sized_steps(tmp_path, ["--a=1"], 3.0, time.perf_counter(), show_progress=False) == steps
+    assert len(calls) == 1
+    # A workdir that already holds a fixed-step EditMGT run is not resized.
+    other = tmp_path / "other"
+    (other / "editmgt").mkdir(parents=True)
+    (other / "editmgt" / "config.json").write_text("{}")
+    with pytest.raises(quickstart.BudgetError, match="fixed step count"):
+        quickstart._sized_steps(other, [], 10.0, time.perf_counter(), show_progress=False)
+
+
+def test_quickstart_cli_minutes(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(workdir, **kwargs):
+        calls.append(kwargs["minutes"])
+        if kwargs["minutes"] == 1:
+            raise quickstart.BudgetError("--minutes 1 leaves time for 3 EditMGT steps on this machine")
+        return {"summary": {"held_out_verifier_success": 0.0}}
+
+    monkeypatch.setattr(quickstart, "run", fake_run)
+    assert cli.main(["quickstart", "--workdir", str(tmp_path), "--minutes", "15"]) in (0, None)
+    assert calls == [15.0]
+    capsys.readouterr()
+    assert cli.main(["quickstart", "--workdir", str(tmp_path), "--minutes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "leaves time for 3 EditMGT steps" in err and len(err.strip().splitlines()) == 1
+    for bad, message in ((["--minutes", "0"], "--minutes must be positive"),
+                         (["--minutes", "5", "--editmgt_steps", "10"], "not both")):  # fmt: skip
+        assert cli.main(["quickstart", "--workdir", str(tmp_path), *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert calls == [15.0, 1.0]
