@@ -221,7 +221,9 @@ def run(workdir: str | pathlib.Path, *, show_progress: bool = True, num_eval: in
     mgt_overrides = [f"--config.tokenizer.checkpoint={workdir / 'vq'}", "--config.data.num_eval_examples=0"]
     mgt_overrides += [*EDITMGT_OVERRIDES, *(editmgt_overrides or [])]
     if minutes is not None or (workdir / BUDGET_FILE).exists():  # a resumed budget run keeps its step count
+        begin = time.perf_counter()
         steps = _sized_steps(workdir, mgt_overrides, minutes, start, show_progress)
+        timings["editmgt_sizing"] = round(time.perf_counter() - begin, 1)
         mgt_overrides.append(f"--config.train.num_steps={steps}")
     mgt_summary = stage("editmgt", 3, lambda: _train(EDITMGT_CONFIG, mgt_overrides, workdir / "editmgt", show_progress))
 

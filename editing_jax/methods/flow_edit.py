@@ -76,8 +76,8 @@ class FlowSettings:
         """Settings from a config's `sampling` section; `overrides` that are not None replace them.
 
         Raises:
-            ValueError: num_steps < 1, shift <= 0, start_time outside (0, 1], or an override of a setting the flow editor does not have (e.g.
-                EditMGT's `region_hold_threshold` from the command line).
+            ValueError: num_steps < 1, shift <= 0, start_time outside (0, 1], or an override of a setting the flow
+                editor does not have (e.g. EditMGT's `region_hold_threshold` from the command line).
         """
         unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in SAMPLER_FIELDS)
         if unsupported:
@@ -387,8 +387,8 @@ def make_edit_fn(model: FlowEditor, settings: FlowSettings):
     encodes the source uint8 `[B, S, S, 3]` to reference latents, draws x_1 ~ N(0, I) from the first half of
     `jax.random.split(rng)`, runs `sampling.flow.sample` with the ODE on every step of `flow.timesteps(num_steps,
     shift)` (the second half of the split is its unused SDE key) and decodes x_0. With start_time t_s < 1 it starts
-    from (1 - t_s) reference + t_s x_1 on the schedule scaled by t_s. With guidance_scale w != 0 each
-    step evaluates the conditional and the empty-text velocity in one batch of 2B and uses v_u + w (v_c - v_u).
+    from (1 - t_s) reference + t_s x_1 on the schedule scaled by t_s. With guidance_scale w != 0 each step evaluates
+    the conditional and the empty-text velocity in one batch of 2B and uses v_u + w (v_c - v_u).
     text_positions, lam and gamma are EditMGT's arguments and are ignored.
 
     Returns:
