@@ -60,18 +60,24 @@ def test_budget_calibrates_once_stores_the_step_count_and_reuses_it(tmp_path, mo
     def fake_train(spec, overrides, run_dir, show_progress):
         calls.append((run_dir.name, overrides))
         run_dir.mkdir(parents=True)
-        return {"steps": 40, "steps_per_second": 4.0, "compile": {"compile_seconds": 30.0}}
+        # Steps 20, 40, 60 reached at 10, 15, 20 s: 4 steps/s once the first (slow) 20 steps are done.
+        lines = [{"step": step, "loss": 1.0, "steps_per_second": step / seconds}
+                 for step, seconds in ((20, 10.0), (40, 15.0), (60, 20.0))]  # fmt: skip
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return {"steps": 60, "steps_per_second": 3.0, "compile": {"compile_seconds": 30.0}}
 
     monkeypatch.setattr(quickstart, "_train", fake_train)
     start = time.perf_counter()
     steps = quickstart._sized_steps(tmp_path, ["--a=1"], 10.0, start, show_progress=False)
     elapsed = time.perf_counter() - start
     assert quickstart.budget_steps(10.0, elapsed, 4.0, 30.0) <= steps <= quickstart.budget_steps(10.0, 0.0, 4.0, 30.0)
-    assert calls == [("editmgt_calibration", ["--a=1", "--config.train.num_steps=40",
-                                              "--config.train.checkpoint_every=40"])]  # fmt: skip
+    assert calls == [("editmgt_calibration", ["--a=1", "--config.train.num_steps=60",
+                                              "--config.train.checkpoint_every=60",
+                                              "--config.train.log_every=20"])]  # fmt: skip
     assert not (tmp_path / "editmgt_calibration").exists()  # the throwaway run is removed
     record = json.loads((tmp_path / quickstart.BUDGET_FILE).read_text())
     assert record["num_steps"] == steps and record["minutes"] == 10.0
+    assert record["calibration_steps_per_second"] == 4.0  # steps 20-60, not the run's mean of 3.0 with its slow start
     # A resumed run keeps the stored count, whatever its own budget, and times nothing.
     assert quickstart._sized_steps(tmp_path, ["--a=1"], 3.0, time.perf_counter(), show_progress=False) == steps
     assert len(calls) == 1
