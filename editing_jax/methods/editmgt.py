@@ -51,6 +51,13 @@ MAX_VISUALIZED_ROWS = 8
 ATTENTION_SOURCES = ("joint", "text_cross", "token_change")
 
 
+def reject_unsupported(overrides: dict, names, editor: str, other: str) -> None:
+    """ValueError naming the overrides (those not None) that `editor`'s settings lack: `other`'s settings."""
+    unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in names)
+    if unsupported:
+        raise ValueError(f"{editor} has no {', '.join(unsupported)} setting ({other} only)")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """Inference settings of the editing sampler (static ones change the compiled graph)."""
@@ -79,10 +86,7 @@ class SamplingSettings:
 
     @classmethod
     def from_config(cls, config, **overrides) -> SamplingSettings:
-        names = [field.name for field in dataclasses.fields(cls)]
-        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in names)
-        if unsupported:
-            raise ValueError(f"EditMGT has no {', '.join(unsupported)} setting (flow editor only)")
+        reject_unsupported(overrides, [field.name for field in dataclasses.fields(cls)], "EditMGT", "flow editor")
         values = {field.name: config.get(field.name, field.default) for field in dataclasses.fields(cls)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["attention_layers"] = tuple(int(v) for v in values["attention_layers"])

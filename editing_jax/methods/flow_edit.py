@@ -79,9 +79,7 @@ class FlowSettings:
             ValueError: num_steps < 1, shift <= 0, start_time outside (0, 1], or an override of a setting the flow
                 editor does not have (e.g. EditMGT's `region_hold_threshold` from the command line).
         """
-        unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in SAMPLER_FIELDS)
-        if unsupported:
-            raise ValueError(f"the flow editor has no {', '.join(unsupported)} setting (EditMGT only)")
+        editmgt.reject_unsupported(overrides, SAMPLER_FIELDS, "the flow editor", "EditMGT")
         values = {name: config.get(name, getattr(cls, name)) for name in SAMPLER_FIELDS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(int(values["num_steps"]), float(values["guidance_scale"]), float(values["shift"]),
