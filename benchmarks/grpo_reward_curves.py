@@ -18,18 +18,16 @@ import pathlib
 
 import numpy as np
 
+from editing_jax.train import writers
+
 
 def load_run(path: str) -> dict:
     run = pathlib.Path(path)
     summary = json.loads((run / "summary.json").read_text())
     compile_info = summary["compile"]
     flops = float(compile_info["per_device_flops_per_step"]) * int(compile_info.get("num_devices", 1))
-    steps, rewards = [], []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "reward" in record:
-            steps.append(int(record["step"]))
-            rewards.append(float(record["reward"]))
+    by_step = writers.read_scalar(run, "reward")
+    steps, rewards = list(by_step), list(by_step.values())
     if not steps:
         raise SystemExit(f"{run}/metrics.jsonl has no reward records (is it a GRPO run?)")
     return {"run": str(run), "flops_per_step": flops, "steps": steps, "rewards": rewards}

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from editing_jax import config_lib
+from editing_jax.train import writers
 
 logger = logging.getLogger(__name__)
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -103,16 +104,12 @@ def budget_steps(minutes: float, elapsed_seconds: float, steps_per_second: float
     return min(steps, MAX_BUDGET_STEPS)
 
 
-def _steady_rate(metrics_path: pathlib.Path, first: int, last: int) -> float:
-    """Steps per second between steps `first` and `last` of a run's metrics.jsonl.
+def _steady_rate(run_dir: pathlib.Path, first: int, last: int) -> float:
+    """Steps per second between steps `first` and `last` of the run in `run_dir`.
 
     Each logged `steps_per_second` is the mean since the loop started, so step s was reached s / rate seconds in.
     """
-    rates = {}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        if "steps_per_second" in record:
-            rates[int(record["step"])] = float(record["steps_per_second"])
+    rates = writers.read_scalar(run_dir, "steps_per_second")
     seconds = {step: step / rates[step] for step in (first, last)}
     return (last - first) / (seconds[last] - seconds[first])
 
@@ -134,7 +131,7 @@ def _sized_steps(workdir: pathlib.Path, overrides: list[str], minutes: float | N
                                           f"--config.train.checkpoint_every={CALIBRATION_STEPS}",
                                           f"--config.train.log_every={CALIBRATION_WARMUP}"],
                          calibration_dir, show_progress)  # fmt: skip
-    rate = _steady_rate(calibration_dir / "metrics.jsonl", CALIBRATION_WARMUP, CALIBRATION_STEPS)
+    rate = _steady_rate(calibration_dir, CALIBRATION_WARMUP, CALIBRATION_STEPS)
     shutil.rmtree(calibration_dir, ignore_errors=True)
     compile_seconds = calibration["compile"]["compile_seconds"]
     steps = budget_steps(minutes, time.perf_counter() - start, rate, compile_seconds)

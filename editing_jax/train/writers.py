@@ -10,6 +10,16 @@ from collections.abc import Mapping
 import numpy as np
 
 
+def read_scalar(workdir: str | pathlib.Path, key: str) -> dict[int, float]:
+    """`key`'s logged values by step, read back from the `metrics.jsonl` a `MetricWriter` wrote in `workdir`."""
+    values = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            values[int(record["step"])] = float(record[key])
+    return values
+
+
 class MetricWriter:
     """Appends scalar metrics to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`."""
 
