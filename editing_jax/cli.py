@@ -272,7 +272,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     a = compare.load_pooled(args.a, args.setting)
     b = compare.load_pooled(args.b, args.setting_b or args.setting)
-    result = compare.compare(a, b)
+    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
+    result = compare.compare(a, b, types)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -409,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("b", help="the same for the other editor")
     comp.add_argument("--setting", default="plain", help="eval report setting: plain or hold (default plain)")
     comp.add_argument("--setting_b", default=None, help="B's setting when it differs (e.g. plain vs hold)")
+    comp.add_argument(
+        "--types",
+        default="",
+        help="comma-separated edit types to pool into one more row and test, e.g. color,replace,remove,add",
+    )
     comp.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
     comp.set_defaults(handler=_cmd_compare)
 

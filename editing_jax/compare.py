@@ -75,10 +75,18 @@ def load_pooled(specs: str, setting: str = "plain") -> dict[str, np.ndarray]:
     return {key: np.concatenate([r[key] for r in records]) for key in ("success", "edit_type")}
 
 
-def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Success of A and B, their discordant counts and the exact test, overall and per edit type."""
+def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], types: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Success of A and B, their discordant counts and the exact test, overall and per edit type.
+
+    `types`, when given, adds `selected_types`: the same counts pooled over those edit types (e.g. the four types of
+    a per-type target), one test over their examples together.
+    """
     if a["success"].shape != b["success"].shape or not np.array_equal(a["edit_type"], b["edit_type"]):
         raise CompareError("the two evaluations are not on the same examples (split, number or order differ)")
+    present = set(a["edit_type"].tolist())
+    unknown = sorted(set(types) - present)
+    if unknown:
+        raise CompareError(f"edit types {unknown} are not in the evaluations; they have {sorted(present)}")
 
     def counts(mask: np.ndarray) -> dict[str, Any]:
         sa, sb = a["success"][mask], b["success"][mask]
@@ -93,12 +101,15 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any
         }
 
     everything = np.ones(a["success"].shape, bool)
-    per_type = {t: counts(a["edit_type"] == t) for t in sorted(set(a["edit_type"].tolist()))}
-    return {**counts(everything), "per_edit_type": per_type}
+    per_type = {t: counts(a["edit_type"] == t) for t in sorted(present)}
+    result = {**counts(everything), "per_edit_type": per_type}
+    if types:
+        result["selected_types"] = {"types": list(types), **counts(np.isin(a["edit_type"], types))}
+    return result
 
 
 def format_table(result: dict[str, Any], name_a: str, name_b: str) -> str:
-    """A markdown table of `compare`'s result: overall first, then each edit type."""
+    """A markdown table of `compare`'s result: overall first, the selected types pooled if any, then each type."""
     lines = [
         f"| edit type | n | {name_a} | {name_b} | only A | only B | exact p |",
         "|---|---|---|---|---|---|---|",
@@ -111,5 +122,7 @@ def format_table(result: dict[str, Any], name_a: str, name_b: str) -> str:
                 f"{c['p_value']:.3g} |")  # fmt: skip
 
     lines.append(row("**all**", result))
+    if "selected_types" in result:
+        lines.append(row(f"**{' + '.join(result['selected_types']['types'])}**", result["selected_types"]))
     lines.extend(row(t, c) for t, c in result["per_edit_type"].items())
     return "\n".join(lines)

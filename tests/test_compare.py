@@ -82,3 +82,19 @@ def test_pooled_seeds_concatenate_in_order_and_sum_the_discordant_counts(tmp_pat
     assert result["per_edit_type"]["add"]["only_a"] == 2
     with pytest.raises(compare.CompareError, match="no evaluation"):
         compare.load_pooled(",")
+
+
+def test_selected_types_pool_their_examples_into_one_test():
+    types = np.asarray(["color", "add", "add", "move", "move"])
+    a = {"success": np.asarray([1, 1, 1, 0, 1], bool), "edit_type": types}
+    b = {"success": np.asarray([0, 0, 1, 1, 1], bool), "edit_type": types}
+    result = compare.compare(a, b, types=("color", "add"))
+    selected = result["selected_types"]
+    assert selected["types"] == ["color", "add"]
+    assert (selected["num_examples"], selected["success_a"], selected["success_b"]) == (3, 3, 1)
+    assert (selected["only_a"], selected["only_b"]) == (2, 0)
+    assert selected["p_value"] == pytest.approx(compare.sign_test_p_value(2, 0))
+    assert "| **color + add** | 3 | 3 (100.0 %) | 1 (33.3 %) | 2 | 0 |" in compare.format_table(result, "A", "B")
+    assert "selected_types" not in compare.compare(a, b)
+    with pytest.raises(compare.CompareError, match=r"\['resize'\] are not in the evaluations"):
+        compare.compare(a, b, types=("add", "resize"))

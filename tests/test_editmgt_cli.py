@@ -100,6 +100,12 @@ def test_eval_reports_per_edit_type(editor_run, tmp_path, capsys):
     code, stdout, err = _run(capsys, "compare", str(out), str(out), "--setting", "plain", "--setting_b", "hold")
     assert code == 0, err
     assert "| **all** | 6 |" in stdout
+    first_type = sorted(per_type)[0]
+    code, stdout, err = _run(capsys, "compare", str(out), str(out), "--types", first_type)
+    assert code == 0, err
+    assert f"| **{first_type}** | {per_type[first_type]} |" in stdout
+    code, _, err = _run(capsys, "compare", str(out), str(out), "--types", "no_such_type")
+    assert code == 2 and "not in the evaluations" in err
     other = tmp_path / "other.json"
     code, _, err = _run(capsys, "eval", "--checkpoint", str(editor_run / "mgt"), "--split", "test", "--num", "4",
                         "--out", str(other), "--steps", "2")  # fmt: skip
