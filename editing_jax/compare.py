@@ -83,6 +83,7 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], types: tuple[str
     """
     if a["success"].shape != b["success"].shape or not np.array_equal(a["edit_type"], b["edit_type"]):
         raise CompareError("the two evaluations are not on the same examples (split, number or order differ)")
+    types = tuple(dict.fromkeys(types))  # a type named twice is pooled once
     present = set(a["edit_type"].tolist())
     unknown = sorted(set(types) - present)
     if unknown:
