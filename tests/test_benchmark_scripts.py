@@ -184,3 +184,59 @@ def test_time_by_op_sums_each_compiled_ops_trace_events_per_step():
         {"op": "exp_fusion", "ms": 0.4, "shape": "f32[8]", "op_name": "jit(f)/exp"},
     ]
     assert [row["op"] for row in step_time.time_by_op(events, hlo_text, steps=2, top=1)] == ["dot.3"]
+
+
+def test_held_out_role_tells_drawing_editing_and_keeping_a_held_out_composition():
+    breakdown = load_benchmark("held_out_breakdown")
+    from editing_jax.data.world import edits
+
+    held = {("red", "triangle")}
+    red_triangle = spec.SceneObject(cell="top-left", kind="triangle", color="red")
+    red_square = spec.SceneObject(cell="top-left", kind="square", color="red")
+    blue_circle = spec.SceneObject(cell="center", kind="circle", color="blue")
+
+    def edit(source, target, edited_source, edited_target):
+        scene = lambda objects: spec.Scene(background=spec.BACKGROUNDS[0], objects=tuple(objects))  # noqa: E731
+        return edits.Edit("replace", scene(source), scene(target), "", "", "", edited_source, edited_target)
+
+    # A replace that makes the red triangle draws it; one that turns it into a square edits it.
+    assert breakdown.held_out_role(edit([red_square], [red_triangle], (red_square,), (red_triangle,)), held) == "draws"
+    assert breakdown.held_out_role(edit([red_triangle], [red_square], (red_triangle,), (red_square,)), held) == "edits"
+    # A style change keeps the composition on the edited object: edits, not draws.
+    outlined = spec.SceneObject(cell="top-left", kind="triangle", color="red", style="outline")
+    assert breakdown.held_out_role(edit([red_triangle], [outlined], (red_triangle,), (outlined,)), held) == "edits"
+    # Held out only on an object the edit leaves alone: keeps; nowhere: none.
+    moved = spec.SceneObject(cell="bottom-right", kind="circle", color="blue")
+    assert breakdown.held_out_role(edit([red_triangle, blue_circle], [red_triangle, moved], (blue_circle,), (moved,)),
+                                   held) == "keeps"  # fmt: skip
+    assert breakdown.held_out_role(edit([blue_circle], [moved], (blue_circle,), (moved,)), held) == "none"
+
+
+def test_held_out_breakdown_counts_roles_and_objects_and_reweights_to_another_mix():
+    breakdown = load_benchmark("held_out_breakdown")
+    from editing_jax.data.world import edits
+
+    num = 24
+    test_edits = [edits.generate_edit("test", 0, i) for i in range(num)]
+    success = [i % 3 == 0 for i in range(num)]
+    report = {"split": "test", "results": {"plain": {"per_example_success": success,
+                                                     "per_example_edit_type": [e.edit_type for e in test_edits]}}}  # fmt: skip
+    table = breakdown.breakdown(report, world_seed=0)
+    assert sum(row["examples"] for row in table["objects"].values()) == num
+    assert sum(row["success"] for row in table["objects"].values()) == sum(success)
+    every = table["roles"]["all"]
+    assert sum(row["examples"] for row in every.values()) == num
+    assert "none" not in every  # every test example holds a held-out composition
+    for n, row in table["objects"].items():
+        assert row["examples"] == sum(len(e.source.objects) == n for e in test_edits)
+    # Reweighting to its own mix gives the plain success; to another mix, the weighted mean of per-count rates.
+    assert breakdown.reweighted_success(table["objects"], table["objects"]) == pytest.approx(sum(success) / num)
+    objects = {1: {"examples": 10, "success": 8}, 2: {"examples": 10, "success": 4}}
+    mix = {1: {"examples": 1, "success": 0}, 2: {"examples": 3, "success": 0}}
+    assert breakdown.reweighted_success(objects, mix) == pytest.approx(0.25 * 0.8 + 0.75 * 0.4)
+    with pytest.raises(ValueError, match="no examples with"):
+        breakdown.reweighted_success({1: objects[1]}, mix)
+    with pytest.raises(ValueError, match="wrong --world_seed"):
+        wrong = {"split": "test", "results": {"plain": {"per_example_success": success,
+                                                        "per_example_edit_type": ["identity"] * num}}}  # fmt: skip
+        breakdown.breakdown(wrong, world_seed=0)
