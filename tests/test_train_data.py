@@ -51,3 +51,14 @@ def test_edit_types_select_a_subset_of_the_world():
     config.edit_types = "colour"
     with pytest.raises(ValueError, match="edit_types must be a non-empty subset"):
         train_data.make_train_dataset(config)
+
+
+def test_count_placement_reaches_the_train_world_only():
+    config = defaults.world_data_config(32, batch_size=4, num_eval_examples=4)
+    assert config.count_placement == "random"
+    config.count_placement = "reading_order"
+    assert train_data._source(config, "train", 8).config.count_placement == "reading_order"
+    assert train_data._source(config, "val", 8).config.count_placement == "random"  # evaluation stays comparable
+    config.source = "tfds"
+    with pytest.raises(ValueError, match="count_placement applies to generated world data"):
+        train_data.make_train_dataset(config)

@@ -231,3 +231,31 @@ def test_check_world_reports_figures():
     assert report["degraded_target_success"] >= 0.9
     assert 20 < report["degraded_psnr_db"] < 60
     assert report["generate_samples_per_s"] > 0
+
+
+def test_reading_order_count_placement_changes_only_where_count_targets_put_their_copies():
+    canonical = edits.WorldConfig(size=32, count_placement="reading_order")
+    counts = 0
+    for index in range(80):
+        plain, ordered = edits.generate_edit("train", 0, index), edits.generate_edit("train", 0, index, canonical)
+        assert (ordered.edit_type, ordered.source, ordered.instruction) == (plain.edit_type, plain.source,
+                                                                            plain.instruction)  # fmt: skip
+        if plain.edit_type != "count":
+            assert ordered == plain
+            continue
+        counts += 1
+        group = ordered.target.position_free
+        members = [o.cell for o in ordered.source.objects if o.composition == group]
+        wanted = [o.cell for o in ordered.target.objects if o.composition == group]
+        others = {o.cell for o in ordered.source.objects if o.composition != group}
+        assert len(wanted) == len([o for o in plain.target.objects if o.composition == group])
+        if len(wanted) < len(members):  # shrink: the first members in reading order stay
+            assert wanted == members[: len(wanted)]
+        else:  # grow: members stay, new copies fill the first empty cells in reading order
+            empty = [c for c in spec.CELLS if c not in others and c not in members]
+            assert wanted == sorted(members + empty[: len(wanted) - len(members)], key=spec.CELLS.index)
+        sample = edits.render_edit(ordered, 32)
+        assert verifier.verify([sample.target_image], [ordered.target]).success[0]
+    assert counts >= 4
+    with pytest.raises(ValueError, match="count_placement must be one of"):
+        edits.WorldConfig(count_placement="left_to_right")

@@ -27,13 +27,18 @@ def world_edit_types(data_config) -> tuple[str, ...]:
 
 
 def _source(data_config, split: str, num_examples: int):
+    placement = str(data_config.get("count_placement", "random"))
+    if data_config.source == "tfds" and placement != "random":
+        raise ValueError("data.count_placement applies to generated world data (source='world' or 'self_samples'); "
+                         "a tfds dataset keeps the placement it was generated with")  # fmt: skip
     if data_config.source == "tfds":
         from editing_jax.data import tfds_world
 
         return tfds_world.load_world_source(data_config.data_dir, split)
     if data_config.source not in ("world", "self_samples"):
         raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds, self_samples")
-    world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config))
+    world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config),
+                              count_placement=placement if split == "train" else "random")  # fmt: skip
     world_source = pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
     if data_config.source == "world" or split != "train":  # a self-sample run evaluates on the world
         return world_source

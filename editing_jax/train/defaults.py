@@ -66,6 +66,9 @@ def world_data_config(size: int, *, batch_size: int, num_eval_examples: int) -> 
             # Comma-separated subset of the world's edit types for source='world' ('' = all); `name:k` (or a type
             # named k times) is drawn k times as often.
             "edit_types": "",
+            # source='world': where a count edit's target puts added copies and which it removes ('random' or
+            # 'reading_order', data/world/edits.py WorldConfig.count_placement); val and test evaluation are unchanged.
+            "count_placement": "random",
             "num_train_examples": 100_000,
             "shuffle_seed": 0,
             "batch_size": batch_size,  # Global batch size.

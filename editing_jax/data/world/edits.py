@@ -15,6 +15,8 @@ import numpy as np
 from editing_jax.data.world import render, spec
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Where a count edit's target puts the copies it adds and which ones it removes (WorldConfig.count_placement).
+COUNT_PLACEMENTS: tuple[str, ...] = ("random", "reading_order")
 _SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
@@ -28,6 +30,11 @@ class WorldConfig:
     max_objects: int = spec.MAX_OBJECTS
     edit_types: tuple[str, ...] = spec.EDIT_TYPES
     held_out: tuple[tuple[str, str], ...] = spec.HELD_OUT_COMPOSITIONS
+    # 'random': a count edit's new copies go to random free cells and random members are removed (the verifier accepts
+    # any cells). 'reading_order': new copies fill the free cells in `spec.CELLS` order and the last members in that
+    # order are removed, so the target is a function of the source and the instruction, which a deterministic decoder
+    # can learn; every other sample, and every count edit's source and instruction, stay the same.
+    count_placement: str = "random"
 
     def __post_init__(self):
         unknown = set(self.edit_types) - set(spec.EDIT_TYPES)
@@ -37,6 +44,8 @@ class WorldConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {spec.MAX_OBJECTS}")
         if self.size < 24:
             raise ValueError(f"size must be at least 24 pixels, got {self.size}")
+        if self.count_placement not in COUNT_PLACEMENTS:
+            raise ValueError(f"count_placement must be one of {COUNT_PLACEMENTS}, got {self.count_placement!r}")
 
     @classmethod
     def from_config(cls, config) -> WorldConfig:
@@ -303,11 +312,19 @@ def _count_edit(
     cells = [obj.cell] + [c for c in order if c != obj.cell]
     copies = [dataclasses.replace(obj, cell=c) for c in cells]
     source = dataclasses.replace(source, objects=tuple(others + copies[:have]))
-    # Grow: new copies go to random free cells. Shrink: random members are removed.
-    if want > have:
+    # Grow: new copies go to random free cells. Shrink: random members are removed. The random draws happen in both
+    # placements, so the generator's stream (every later choice of this sample) does not depend on it.
+    kept = sorted(rng.permutation(have)[:want]) if want <= have else []
+    if config.count_placement == "reading_order":
+        members = sorted(copies[:have], key=lambda o: spec.CELLS.index(o.cell))
+        empty = [
+            dataclasses.replace(obj, cell=c) for c in spec.CELLS if c in free and c not in {o.cell for o in members}
+        ]
+        group = (members + empty)[:want]
+    elif want > have:
         group = copies[:want]
     else:
-        group = [copies[i] for i in sorted(rng.permutation(have)[:want])]
+        group = [copies[i] for i in kept]
     target = spec.Scene(source.background, tuple(others + group), position_free=obj.composition)
     if want == 1:
         text, _ = _fill(rng, "count_one", obj=obj.name)
