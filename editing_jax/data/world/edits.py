@@ -317,9 +317,8 @@ def _count_edit(
     kept = sorted(rng.permutation(have)[:want]) if want <= have else []
     if config.count_placement == "reading_order":
         members = sorted(copies[:have], key=lambda o: spec.CELLS.index(o.cell))
-        empty = [
-            dataclasses.replace(obj, cell=c) for c in spec.CELLS if c in free and c not in {o.cell for o in members}
-        ]
+        taken = {o.cell for o in members}
+        empty = [dataclasses.replace(obj, cell=c) for c in spec.CELLS if c in free and c not in taken]
         group = (members + empty)[:want]
     elif want > have:
         group = copies[:want]
