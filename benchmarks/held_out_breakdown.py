@@ -120,7 +120,9 @@ def main() -> None:
         tables[str(path)] = breakdown(json.loads(path.read_text()), args.world_seed, args.setting)
         print(format_table(str(path), tables[str(path)]), end="\n\n")
     if args.mix_of:
-        mix = breakdown(json.loads(args.mix_of.read_text()), args.world_seed, args.setting)["objects"]
+        mix_table = tables.get(str(args.mix_of)) or breakdown(json.loads(args.mix_of.read_text()), args.world_seed,
+                                                              args.setting)  # fmt: skip
+        mix = mix_table["objects"]
         for name, table in tables.items():
             table["success_at_mix_of"] = {
                 "mix_of": str(args.mix_of),
