@@ -973,9 +973,8 @@ def test_every_editmgt_variant_maps_attention_layers_inside_its_blocks(stage, ar
 def test_the_long_variant_is_the_measured_grounded_quick_recipe():
     long = config_lib.load_config("configs/editmgt/edit.py:size=32,long").to_dict()
     quick = config_lib.load_config("configs/editmgt/edit.py:size=32,quick").to_dict()
-    quick["model"].update(text_cross_source=True, text_code_score=True)
+    quick["model"].update(text_cross_source=True, text_code_score=True, num_layers=2, num_single_layers=2)
     quick["text"]["gate_encoder"] = True
-    quick["model"].update(num_layers=2, num_single_layers=2)
     quick["sampling"]["attention_layers"] = (0, 4)
     quick["train"]["num_steps"] = 30300
     assert long == quick  # The run of docs/RESULTS.md, "Two blocks of each kind at the 2-hour budget".
