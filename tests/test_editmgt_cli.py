@@ -8,6 +8,7 @@ import pytest
 from editing_jax import cli
 from editing_jax.data import image_io
 from editing_jax.data.world import edits
+from tests.helpers import load_benchmark
 
 
 def _run(capsys, *argv):
@@ -126,3 +127,22 @@ def test_eval_decoding_flags_reach_the_sampler_and_lambda_zero_runs_no_hold_pass
     assert settings["paste_source"] is False
     assert settings["num_steps"] == 1 and settings["token_temperature"] == 0.0
     assert settings["temperature"] == 0.5 and settings["map_scaling"] == "max"
+
+
+def test_sweeps_script_runs_only_the_chosen_lambdas_on_the_chosen_split(editor_run, tmp_path, monkeypatch, capsys):
+    sweeps = load_benchmark("editmgt_sweeps")
+    out = tmp_path / "sweeps.json"
+    argv = ["editmgt_sweeps.py", "--checkpoint", str(editor_run / "mgt"), "--split", "val", "--num", "2", "--steps",
+            "1", "--sweeps", "lambda", "--lambdas", "0,0.5", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    sweeps.main()
+    report = json.loads(out.read_text())
+    assert report["split"] == "val"
+    assert set(report["lambda_sweep"]) == {"0", "0.5"}
+    assert report["filters_at_default_lambda"] == {} and report["gamma_sweep_at_lambda_0"] == {}
+    assert "--split val --sweeps lambda --lambdas 0,0.5" in report["command"]
+    assert "| 0.5 |" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", [*argv[:-2], "--sweeps", "lambda,beta"])
+    with pytest.raises(SystemExit) as error:
+        sweeps.main()
+    assert error.value.code == 2 and "unknown --sweeps ['beta']" in capsys.readouterr().err
