@@ -5,7 +5,9 @@
 
 For every edit type: examples, successes, incoherent outputs, and how many target objects fail each attribute check
 ('present', 'kind', 'color', 'size', 'style'), split into the *edited* object (the cell the edit names) and the
-*other* objects (those the edit should leave alone). Works for EditMGT and flow-editor runs (plain sampling, no region
+*other* objects (those the edit should leave alone), and what the output holds in each wrong edited cell
+(`edited_missing`: no object; `edited_unchanged`: the source's object, the edit not applied; `edited_changed_wrongly`:
+another object). Works for EditMGT and flow-editor runs (plain sampling, no region
 hold). EditMGT rows also get `attention_auroc`: how well the consolidated text->image attention map separates the
 edit mask's tokens from the rest (the chance that a random edited token scores above a random kept one; 0.5 = no
 localization), averaged over examples whose edit mask is neither empty nor everything. `changed_pixel_colors`: on
@@ -33,6 +35,13 @@ def edited_cells(source_scene, target_scene) -> set[str]:
     source = {o.cell: o for o in source_scene.objects}
     target = {o.cell: o for o in target_scene.objects}
     return {cell for cell in set(source) | set(target) if source.get(cell) != target.get(cell)}
+
+
+def edited_object_outcome(output_object, source_object) -> str:
+    """What a wrong edited cell holds: 'missing', 'unchanged' (the source's object) or 'changed_wrongly'."""
+    if output_object is None:
+        return "missing"
+    return "unchanged" if output_object == source_object else "changed_wrongly"
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -101,9 +110,14 @@ def breakdown(editor, split: str, num: int, settings, batch_size: int = 64) -> d
                     failed_cells[cell].append(attribute)
                 else:
                     row[key] += 1  # background, no_extra_objects and the count checks
+            output_objects = {o.cell: o for o in result.parsed[i].objects}
+            source_objects = {o.cell: o for o in sources[i].objects}
             for cell, attributes in failed_cells.items():
                 group = "edited" if cell in changed else "other"
                 row[f"{group}_objects_wrong"] += 1
+                if group == "edited":
+                    outcome = edited_object_outcome(output_objects.get(cell), source_objects.get(cell))
+                    row[f"edited_{outcome}"] += 1
                 for attribute in attributes:
                     row[f"{group}.{attribute}"] += 1
             row["other_objects"] += sum(1 for o in targets[i].objects if o.cell not in changed)

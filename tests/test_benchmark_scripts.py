@@ -17,6 +17,17 @@ from editing_jax.text.tokenizer import WordTokenizer
 from tests.helpers import load_benchmark
 
 
+def test_edited_object_outcome_tells_a_missing_an_unedited_and_a_wrongly_edited_object():
+    breakdown = load_benchmark("failure_breakdown")
+    red_square = spec.SceneObject("top-left", "square", "red")
+    assert breakdown.edited_object_outcome(None, red_square) == "missing"
+    assert breakdown.edited_object_outcome(spec.SceneObject("top-left", "square", "red"), red_square) == "unchanged"
+    assert (
+        breakdown.edited_object_outcome(spec.SceneObject("top-left", "circle", "red"), red_square) == "changed_wrongly"
+    )
+    assert breakdown.edited_object_outcome(red_square, None) == "changed_wrongly"  # drawn where nothing was
+
+
 def test_changed_pixel_colors_sorts_changed_pixels_by_the_output_color():
     failure_breakdown = load_benchmark("failure_breakdown")
     white, red, blue, green = (np.asarray(c, np.uint8) for c in ((255, 255, 255), spec.OBJECT_COLORS["red"],
