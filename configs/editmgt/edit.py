@@ -5,8 +5,8 @@ EditMGT edit fine-tuning on (source, instruction, target) triplets: the source i
 text-to-image run (configs/editmgt/t2i.py) to start from pretrained weights.
 
 Variants (comma-separated): `size=32|64`; `quick` the quickstart's shorter schedule; `long` the quick model grounded,
-with 2 + 2 blocks, trained for 30,300 steps, ~2 h on 2 CPU cores (the best measured EditMGT recipe); `tiny` a CI-sized
-model.
+with 2 + 2 blocks, trained for 48,000 steps, ~2 h on the 2 cores of a Zen 4 EPYC (the best measured EditMGT recipe);
+`tiny` a CI-sized model.
 """
 
 from editing_jax.methods.editmgt_configs import editmgt_config
