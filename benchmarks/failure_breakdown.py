@@ -4,17 +4,17 @@
       --token_temperature 0] [--code_coverage]
 
 For every edit type: examples, successes, incoherent outputs, and how many target objects fail each attribute check
-('present', 'kind', 'color', 'size', 'style'), split into the *edited* object (the cell the edit names) and the
-*other* objects (those the edit should leave alone), and what the output holds in each wrong edited cell
-(`edited_missing`: no object; `edited_unchanged`: the source's object, the edit not applied; `edited_changed_wrongly`:
-another object). Works for EditMGT and flow-editor runs (plain sampling, no region
-hold). EditMGT rows also get `attention_auroc`: how well the consolidated text->image attention map separates the
-edit mask's tokens from the rest (the chance that a random edited token scores above a random kept one; 0.5 = no
-localization), averaged over examples whose edit mask is neither empty nor everything. `changed_pixel_colors`: on
-the pixels the edit changes (source vs target), the share whose output color (nearest world object or background
-color) is the target's ('target'), the source's ('source'), a background color or another object color: whether an
-editor draws the instruction's new color, keeps the old one or erases. `--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the
-share of `--split` tokens whose code is rare in train.
+('present', 'kind', 'color', 'size', 'style'), split into the *edited* object (the cell the edit names) and the *other*
+objects (those the edit should leave alone), and what the output holds in each wrong edited cell (`edited_missing`: no
+object; `edited_unchanged`: the source's object, the edit not applied; `edited_changed_wrongly`: another object). Works
+for EditMGT and flow-editor runs (plain sampling, no region hold). EditMGT rows also get `attention_auroc`: how well the
+consolidated text->image attention map separates the edit mask's tokens from the rest (the chance that a random edited
+token scores above a random kept one; 0.5 = no localization), averaged over examples whose edit mask is neither empty
+nor everything. `changed_pixel_colors`: on the pixels the edit changes (source vs target), the share whose output color
+(nearest world object or background color) is the target's ('target'), the source's ('source'), a background color or
+another object color: whether an editor draws the instruction's new color, keeps the old one or erases.
+`--code_coverage` (VQ editors) also counts how often each code occurs in 4,096 train pairs and reports the share of
+`--split` tokens whose code is rare in train.
 """
 
 from __future__ import annotations
