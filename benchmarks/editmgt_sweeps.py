@@ -17,6 +17,8 @@ import dataclasses
 import json
 import pathlib
 
+from editing_jax.data.world.edits import SPLITS
+
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 FILTERS = ("none", "gaussian", "bilateral", "morphological", "adaptive")
 GAMMAS = (0.0, 1.0, 1.1, 2.0, 4.0)
@@ -39,7 +41,7 @@ def _row(name: str, result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {SWEEPS}")
     parser.add_argument("--lambdas", default=",".join(f"{lam:g}" for lam in LAMBDAS), help="comma-separated")

@@ -27,6 +27,8 @@ import pathlib
 
 import numpy as np
 
+from editing_jax.data.world.edits import SPLITS
+
 ATTRIBUTES = ("present", "kind", "color", "size", "style")
 
 
@@ -175,7 +177,7 @@ def code_coverage(editor, split: str, num: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--num", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--token_temperature", type=float, default=None)

@@ -38,6 +38,8 @@ import pathlib
 
 import numpy as np
 
+from editing_jax.data.world.edits import SPLITS
+
 ROLES = ("referent", "distractor", "unrelated")
 OBJECT_EDITS = ("color", "replace", "remove", "move", "resize", "style")
 
@@ -293,7 +295,7 @@ def word_states(editor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import pathlib
 
+from editing_jax.data.world.edits import SPLITS
+
 # (name, overrides of SamplingSettings): the checkpoint's defaults first.
 VARIANTS = (
     ("default", {}),
@@ -32,7 +34,7 @@ VARIANTS = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--num", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--only", default="", help="row names to run, separated by ';' (default: every row)")

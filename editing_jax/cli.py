@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from editing_jax import __version__, config_lib
+from editing_jax.data.world.edits import SPLITS
 
 DEFAULT_WORLD_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "world" / "default.py")
 
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.required = True
     generate = data.add_parser("generate", help="prepare a dataset (tfds array_record) and a preview grid")
     generate.add_argument("--out", required=True, help="output data directory")
-    generate.add_argument("--split", default="train", choices=("train", "val", "test"))
+    generate.add_argument("--split", default="train", choices=SPLITS)
     generate.add_argument("--num", type=int, default=256, help="number of examples")
     generate.add_argument("--size", type=int, default=None, help="canvas size in pixels (default: from config)")
     generate.add_argument("--seed", type=int, default=None, help="world seed (default: from config)")
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--num", type=int, default=2000)
     check.add_argument("--size", type=int, default=64)
     check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--split", default="train", choices=("train", "val", "test"))
+    check.add_argument("--split", default="train", choices=SPLITS)
     check.set_defaults(handler=_cmd_data_check)
 
     train = commands.add_parser("train", help="train a method from a config (resumes from WORKDIR)")
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="verifier success per edit type on a world split")
     evaluate.add_argument("--checkpoint", required=True, help="EditMGT or flow_edit run directory")
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--split", default="test", choices=SPLITS)
     evaluate.add_argument("--num", type=int, default=256, help="number of examples")
     evaluate.add_argument("--batch_size", type=int, default=64)
     evaluate.add_argument("--out", default=None, help="write the full results JSON here")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from editing_jax.data import image_io
+from editing_jax.data.world import edits
 from editing_jax.methods import editmgt, flow_edit
 from editing_jax.train import checkpoint
 
@@ -110,7 +111,6 @@ def load_image_for(editor: Editor, path: str | pathlib.Path) -> np.ndarray:
 def world_split_batches(editor: Editor, split: str, num_examples: int, batch_size: int = 64):
     """The first `num_examples` of a world split at the editor's size and world seed, as raw host batches in order."""
     from editing_jax.data import pipeline
-    from editing_jax.data.world import edits
 
     source = pipeline.WorldSource(split, num_examples, int(editor.config.data.seed),
                                   edits.WorldConfig(size=editor.image_size))  # fmt: skip
@@ -137,7 +137,7 @@ def evaluate_split(
     """
     import tqdm
 
-    if split not in ("train", "val", "test"):
+    if split not in edits.SPLITS:
         raise EditorError(f"split must be train, val or test, got {split!r}")
     if num_examples < 1:
         raise EditorError("num_examples must be >= 1")
