@@ -17,6 +17,8 @@ import pathlib
 
 import numpy as np
 
+from editing_jax.data.world.edits import SPLITS
+
 
 def token_stats(target_changed: np.ndarray, hold_map: np.ndarray, output_changed: np.ndarray,
                 held: np.ndarray) -> dict[str, float]:  # fmt: skip
@@ -42,6 +44,14 @@ def token_stats(target_changed: np.ndarray, hold_map: np.ndarray, output_changed
     }
 
 
+def oracle_hold(tokens: np.ndarray, source_tokens: np.ndarray, target_tokens: np.ndarray) -> np.ndarray:
+    """`tokens` with every token the target keeps (target token == source token) reverted to the source token."""
+    return np.where(target_tokens != source_tokens, tokens, source_tokens)
+
+
+OUTCOMES = ("plain", "hold", "oracle_hold", "target_tokens")
+
+
 def summarize(sums: dict[str, float]) -> dict[str, float]:
     """Shares and means from summed `token_stats` (NaN where a denominator is 0)."""
     must, keep = sums["must_change"], sums["tokens"] - sums["must_change"]
@@ -62,24 +72,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--num", type=int, default=256)
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="region hold's lambda (default: the checkpoint's)"
+    )
     parser.add_argument("--attention_source", default=None, choices=("joint", "text_cross", "token_change"))
     parser.add_argument("--filter", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    import jax
+
     from editing_jax import inference
     from editing_jax.methods import editmgt
 
     editor = inference.load_editor(args.checkpoint)
-    settings = editor.settings(attention_source=args.attention_source, filter=args.filter)
+    model = editor.model
+    settings = editor.settings(attention_source=args.attention_source, filter=args.filter,
+                               region_hold_threshold=args.threshold)  # fmt: skip
     edit_fn = editor.edit_fn(settings)
+    encode = jax.jit(model.encode_images)
+    decode = jax.jit(model.decode_tokens)
     per_type: dict[str, dict[str, float]] = {}
-    for index, raw in enumerate(inference.world_split_batches(editor, "test", args.num)):
-        batch = editor.model.prepare_batch(raw)
+    outcomes: dict[str, dict[str, dict[str, float]]] = {}
+    for index, raw in enumerate(inference.world_split_batches(editor, args.split, args.num)):
+        batch = model.prepare_batch(raw)
         out = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index)
-        target = np.asarray(editor.model.encode_images(editor.model_state, batch["target_image"]))  # [B, h, w]
-        target_changed = target != out["source_tokens"]
-        output_changed = out["tokens"] != out["source_tokens"]
+        plain = editmgt.run_edits(edit_fn, editor.params, editor.model_state, batch, settings, seed=index,
+                                  region_hold_threshold=0.0)  # fmt: skip
+        source = out["source_tokens"]  # [B, h, w]
+        target = np.asarray(encode(editor.model_state, batch["target_image"]))  # [B, h, w]
+        target_changed = target != source
+        output_changed = out["tokens"] != source
+        decoded = {}
+        for name, tokens in (("oracle_hold", oracle_hold(plain["tokens"], source, target)), ("target_tokens", target)):
+            images = decode(editor.model_state, tokens)  # [B, H, W, 3] uint8
+            if settings.paste_source and model.uses_condition:
+                images = editmgt.paste_unchanged_cells(images, batch["source_image"], tokens == source)
+            decoded[name] = {"images": np.asarray(images)}
+        scores = {
+            name: editmgt.score_edits(o, batch) for name, o in (("plain", plain), ("hold", out), *decoded.items())
+        }
         types = np.asarray([str(t) for t in batch["edit_type"]])
         for edit_type in sorted(set(types.tolist())):
             rows = types == edit_type
@@ -87,14 +120,38 @@ def main() -> None:
             totals = per_type.setdefault(edit_type, dict.fromkeys(stats, 0.0))
             for key, value in stats.items():
                 totals[key] += value
+            sums = outcomes.setdefault(edit_type, {name: {"n": 0.0, "success": 0.0, "l1": 0.0} for name in OUTCOMES})
+            for name in OUTCOMES:
+                sums[name]["n"] += float(rows.sum())
+                sums[name]["success"] += float(scores[name]["success"][rows].sum())
+                sums[name]["l1"] += float(np.nansum(scores[name]["preservation_l1"][rows]))
+    overall = {name: {key: sum(outcomes[t][name][key] for t in outcomes) for key in ("n", "success", "l1")}
+               for name in OUTCOMES}  # fmt: skip
+    outcome_means = {
+        edit_type: {
+            name: {"verifier_success": v["success"] / v["n"], "preservation_l1": v["l1"] / v["n"]}
+            for name, v in sums.items()
+        }  # fmt: skip
+        for edit_type, sums in {**outcomes, "all": overall}.items()
+    }
     report = {
         "command": " ".join(
-            ["python benchmarks/hold_map_probe.py", f"--checkpoint {args.checkpoint}", f"--num {args.num}"]
-            + [f"--{k} {getattr(args, k)}" for k in ("attention_source", "filter") if getattr(args, k)]
+            [
+                "python benchmarks/hold_map_probe.py",
+                f"--checkpoint {args.checkpoint}",
+                f"--num {args.num}",
+                f"--split {args.split}",
+            ]  # fmt: skip
+            + [
+                f"--{k} {getattr(args, k)}"
+                for k in ("threshold", "attention_source", "filter")
+                if getattr(args, k) is not None
+            ]  # fmt: skip
         ),
         "attention_source": settings.attention_source,
         "region_hold_threshold": settings.region_hold_threshold,
         "per_edit_type": {edit_type: summarize(sums) for edit_type, sums in per_type.items()},
+        "outcomes": outcome_means,
     }
     out_path = pathlib.Path(args.out or f"benchmarks/results/hold_map_probe_{pathlib.Path(args.checkpoint).name}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +161,15 @@ def main() -> None:
     for edit_type, v in report["per_edit_type"].items():
         print(f"| {edit_type} | {v['must_change_share']:.0%} | {v['map_on_must_change']:.2f} | "
               f"{v['map_on_must_keep']:.2f} | {v['must_keep_changed_share']:.0%} | {v['held_share']:.0%} |")  # fmt: skip
+    print()
+    print(
+        "| edit type | success: " + " / ".join(OUTCOMES) + " | L1 outside the edit mask: " + " / ".join(OUTCOMES) + " |"
+    )
+    print("|---|---|---|")
+    for edit_type, v in outcome_means.items():
+        success = " / ".join(f"{v[name]['verifier_success']:.1%}" for name in OUTCOMES)
+        l1 = " / ".join(f"{v[name]['preservation_l1']:.5f}" for name in OUTCOMES)
+        print(f"| {edit_type} | {success} | {l1} |")
 
 
 if __name__ == "__main__":

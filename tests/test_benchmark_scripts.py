@@ -72,6 +72,15 @@ def test_hold_map_probe_counts_tokens_that_must_change_and_must_keep():
         "map_on_must_keep"])  # fmt: skip
 
 
+def test_oracle_hold_reverts_exactly_the_tokens_the_target_keeps():
+    probe = load_benchmark("hold_map_probe")
+    source = np.asarray([[[1, 2], [3, 4]]])  # [1, 2, 2]
+    target = np.asarray([[[1, 9], [3, 8]]])  # the edit changes (0, 1) and (1, 1)
+    output = np.asarray([[[5, 9], [6, 7]]])  # right at (0, 1), wrong at (1, 1), broke (0, 0) and (1, 0)
+    np.testing.assert_array_equal(probe.oracle_hold(output, source, target), [[[1, 9], [3, 7]]])
+    np.testing.assert_array_equal(probe.oracle_hold(output, source, source), source)  # identity: all reverted
+
+
 def test_grounding_sorts_objects_into_referent_distractor_and_unrelated():
     grounding = load_benchmark("mgt_grounding")
     red_circle = spec.SceneObject(cell="top-left", kind="circle", color="red", size="large", style="filled")
