@@ -105,7 +105,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
             # text code score: 30.9 % held-out over two seeds at 9,400 steps against 23.4 % without (docs/RESULTS.md,
             # EditMGT: "The grounded model at 9,400 steps"), 49.2 % at 28,000, 66.8 % at 40,000 ("40,000 steps"); with
             # 2 + 2 blocks 70.9 % at 30,300 steps on 1,024 test examples (61.8 % for 1 + 1 blocks at 40,000, seed 1),
-            # 78.5 % at 48,000 ("Two hours on the Zen 4").
+            # 78.5 / 82.4 % at 48,000 (seeds 1 / 0: "Two hours on the Zen 4", "A second seed of `long`").
             "text_cross_source": long,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_source
             "text_cross_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.text_cross_positions
             "absolute_positions": False,  # not in EditMGT; see MaskedGenerativeTransformer.absolute_positions
@@ -185,7 +185,7 @@ def editmgt_config(arg: str | None, *, stage: str) -> ml_collections.ConfigDict:
     # quick: the quickstart's schedule, sized to its 15-minute budget on 2 CPU cores (1,800 steps of the larger model
     # until the eleventh session, 1,200 until the fourteenth, 2,800 until the faster argmax of the twenty-fourth,
     # 3,100 until the rank-2 products of the twenty-fifth; docs/RESULTS.md, EditMGT: Quickstart). long: the issue's
-    # 2-hour budget for the longer config on the CI machine (48,000 steps of 2 + 2 blocks: 109 min alone on the Zen 4
+    # 2-hour budget for the longer config on the CI machine (48,000 steps of 2 + 2 blocks: 109–114 min on the Zen 4
     # CPU-2 of the thirty-fifth session on; 9,400 steps until the twenty-first session, 28,000 until the
     # twenty-seventh, 40,000 of 1 + 1 blocks until the thirty-fifth, 30,300 of 2 + 2 until the thirty-sixth;
     # docs/RESULTS.md, EditMGT).
