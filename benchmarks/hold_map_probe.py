@@ -50,6 +50,23 @@ def oracle_hold(tokens: np.ndarray, source_tokens: np.ndarray, target_tokens: np
 
 
 OUTCOMES = ("plain", "hold", "oracle_hold", "target_tokens")
+OUTCOME_SUMS = ("examples", "successes", "l1_sum", "l1_examples")
+
+
+def add_outcome(sums: dict[str, float], success: np.ndarray, preservation_l1: np.ndarray) -> None:
+    """Adds one batch's `[N]` verifier successes and L1s (NaN where nothing lies outside the edit mask) to `sums`."""
+    sums["examples"] += float(success.size)
+    sums["successes"] += float(success.sum())
+    sums["l1_sum"] += float(np.nansum(preservation_l1))
+    sums["l1_examples"] += float(np.isfinite(preservation_l1).sum())
+
+
+def outcome_mean(sums: dict[str, float]) -> dict[str, float]:
+    """Success rate and mean L1 (over the examples with an L1, as `editing-jax eval`) from `add_outcome` sums."""
+    return {
+        "verifier_success": sums["successes"] / sums["examples"] if sums["examples"] else float("nan"),
+        "preservation_l1": sums["l1_sum"] / sums["l1_examples"] if sums["l1_examples"] else float("nan"),
+    }
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
@@ -120,18 +137,12 @@ def main() -> None:
             totals = per_type.setdefault(edit_type, dict.fromkeys(stats, 0.0))
             for key, value in stats.items():
                 totals[key] += value
-            sums = outcomes.setdefault(edit_type, {name: {"n": 0.0, "success": 0.0, "l1": 0.0} for name in OUTCOMES})
+            sums = outcomes.setdefault(edit_type, {name: dict.fromkeys(OUTCOME_SUMS, 0.0) for name in OUTCOMES})
             for name in OUTCOMES:
-                sums[name]["n"] += float(rows.sum())
-                sums[name]["success"] += float(scores[name]["success"][rows].sum())
-                sums[name]["l1"] += float(np.nansum(scores[name]["preservation_l1"][rows]))
-    overall = {name: {key: sum(outcomes[t][name][key] for t in outcomes) for key in ("n", "success", "l1")}
-               for name in OUTCOMES}  # fmt: skip
+                add_outcome(sums[name], scores[name]["success"][rows], scores[name]["preservation_l1"][rows])
+    overall = {name: {key: sum(outcomes[t][name][key] for t in outcomes) for key in OUTCOME_SUMS} for name in OUTCOMES}
     outcome_means = {
-        edit_type: {
-            name: {"verifier_success": v["success"] / v["n"], "preservation_l1": v["l1"] / v["n"]}
-            for name, v in sums.items()
-        }  # fmt: skip
+        edit_type: {name: outcome_mean(v) for name, v in sums.items()}
         for edit_type, sums in {**outcomes, "all": overall}.items()
     }
     report = {
@@ -141,12 +152,12 @@ def main() -> None:
                 f"--checkpoint {args.checkpoint}",
                 f"--num {args.num}",
                 f"--split {args.split}",
-            ]  # fmt: skip
+            ]
             + [
                 f"--{k} {getattr(args, k)}"
                 for k in ("threshold", "attention_source", "filter")
                 if getattr(args, k) is not None
-            ]  # fmt: skip
+            ]
         ),
         "attention_source": settings.attention_source,
         "region_hold_threshold": settings.region_hold_threshold,

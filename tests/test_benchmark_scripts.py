@@ -79,6 +79,11 @@ def test_oracle_hold_reverts_exactly_the_tokens_the_target_keeps():
     output = np.asarray([[[5, 9], [6, 7]]])  # right at (0, 1), wrong at (1, 1), broke (0, 0) and (1, 0)
     np.testing.assert_array_equal(probe.oracle_hold(output, source, target), [[[1, 9], [3, 7]]])
     np.testing.assert_array_equal(probe.oracle_hold(output, source, source), source)  # identity: all reverted
+    sums = dict.fromkeys(probe.OUTCOME_SUMS, 0.0)
+    probe.add_outcome(sums, np.asarray([1.0, 0.0]), np.asarray([0.2, np.nan]))
+    probe.add_outcome(sums, np.asarray([1.0]), np.asarray([0.4]))
+    mean = probe.outcome_mean(sums)
+    np.testing.assert_allclose([mean["verifier_success"], mean["preservation_l1"]], [2 / 3, 0.3])  # NaN L1 skipped
 
 
 def test_grounding_sorts_objects_into_referent_distractor_and_unrelated():
