@@ -12,6 +12,7 @@ the share of tokens held. Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -109,7 +110,7 @@ def main() -> None:
                                region_hold_threshold=args.threshold)  # fmt: skip
     edit_fn = editor.edit_fn(settings)
     encode = jax.jit(model.encode_images)
-    decode = jax.jit(model.decode_tokens)
+    decode = jax.jit(functools.partial(editmgt.decode_edit, model, paste_source=settings.paste_source))
     per_type: dict[str, dict[str, float]] = {}
     outcomes: dict[str, dict[str, dict[str, float]]] = {}
     for index, raw in enumerate(inference.world_split_batches(editor, args.split, args.num)):
@@ -121,12 +122,13 @@ def main() -> None:
         target = np.asarray(encode(editor.model_state, batch["target_image"]))  # [B, h, w]
         target_changed = target != source
         output_changed = out["tokens"] != source
-        decoded = {}
-        for name, tokens in (("oracle_hold", oracle_hold(plain["tokens"], source, target)), ("target_tokens", target)):
-            images = decode(editor.model_state, tokens)  # [B, H, W, 3] uint8
-            if settings.paste_source and model.uses_condition:
-                images = editmgt.paste_unchanged_cells(images, batch["source_image"], tokens == source)
-            decoded[name] = {"images": np.asarray(images)}
+        decoded = {
+            name: {"images": np.asarray(decode(editor.model_state, tokens, source, batch["source_image"]))}
+            for name, tokens in (
+                ("oracle_hold", oracle_hold(plain["tokens"], source, target)),
+                ("target_tokens", target),
+            )
+        }
         scores = {
             name: editmgt.score_edits(o, batch) for name, o in (("plain", plain), ("hold", out), *decoded.items())
         }

@@ -138,7 +138,7 @@ def evaluate_split(
     import tqdm
 
     if split not in edits.SPLITS:
-        raise EditorError(f"split must be train, val or test, got {split!r}")
+        raise EditorError(f"split must be one of {', '.join(edits.SPLITS)}, got {split!r}")
     if num_examples < 1:
         raise EditorError("num_examples must be >= 1")
     settings = settings or editor.settings()

@@ -602,11 +602,8 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
             region_hold_threshold=lam,
         )
         tokens = tokens.reshape(batch, grid, grid)
-        images = model.decode_tokens(model_state, tokens)  # [B, H, W, 3] uint8
-        if settings.paste_source and model.uses_condition:
-            images = paste_unchanged_cells(images, source_uint8, tokens == source)
         return {
-            "images": images,
+            "images": decode_edit(model, model_state, tokens, source, source_uint8, settings.paste_source),
             "tokens": tokens,
             "source_tokens": source,
             "held": aux["held"].reshape(batch, grid, grid),
@@ -615,6 +612,16 @@ def make_edit_fn(model: EditMGT, settings: SamplingSettings):
         }
 
     return jax.jit(edit)
+
+
+def decode_edit(model, model_state, tokens: jax.Array, source_tokens: jax.Array, source_uint8: jax.Array,
+                paste_source: bool) -> jax.Array:  # fmt: skip
+    """Edited tokens `[B, h, w]` -> uint8 images `[B, H, W, 3]`, with the source's own pixels in every cell whose token
+    is the source token when `paste_source` (edit stage only; see `SamplingSettings.paste_source`)."""
+    images = model.decode_tokens(model_state, tokens)
+    if paste_source and model.uses_condition:
+        images = paste_unchanged_cells(images, source_uint8, tokens == source_tokens)
+    return images
 
 
 def paste_unchanged_cells(images: jax.Array, source: jax.Array, unchanged: jax.Array) -> jax.Array:
