@@ -62,3 +62,22 @@ def test_count_placement_reaches_the_train_world_only():
     config.source = "tfds"
     with pytest.raises(ValueError, match="count_placement applies to generated world data"):
         train_data.make_train_dataset(config)
+
+
+def test_object_counts_reach_the_train_world_only():
+    config = defaults.world_data_config(32, batch_size=4, num_eval_examples=4)
+    assert train_data.world_object_counts(config) == ()  # '' = the world's own draw
+    config.object_counts = "1, 3:2,4:3"
+    assert train_data.world_object_counts(config) == (1, 3, 3, 4, 4, 4)
+    assert train_data._source(config, "train", 8).config.object_counts == (1, 3, 3, 4, 4, 4)
+    assert train_data._source(config, "val", 8).config.object_counts == ()  # evaluation stays comparable
+    config.object_counts = "three"
+    with pytest.raises(ValueError, match="expected object counts"):
+        train_data.world_object_counts(config)
+    config.object_counts = "3:0"
+    with pytest.raises(ValueError, match="the weight of '3' must be a positive integer"):
+        train_data.world_object_counts(config)
+    config.object_counts = "4"
+    config.source = "tfds"
+    with pytest.raises(ValueError, match="object_counts applies to generated world data"):
+        train_data.make_train_dataset(config)

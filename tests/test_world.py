@@ -259,3 +259,21 @@ def test_reading_order_count_placement_changes_only_where_count_targets_put_thei
     assert counts >= 4
     with pytest.raises(ValueError, match="count_placement must be one of"):
         edits.WorldConfig(count_placement="left_to_right")
+
+
+def test_object_counts_draw_scene_sizes_and_the_uniform_list_is_the_default_world():
+    uniform = edits.WorldConfig(size=32, object_counts=(1, 2, 3, 4))
+    no_count = tuple(t for t in spec.EDIT_TYPES if t != "count")  # a full scene has no room for more copies
+    crowded = edits.WorldConfig(size=32, object_counts=(4,), edit_types=no_count)
+    sizes = collections.Counter()
+    for index in range(60):
+        plain = edits.generate_edit("train", 0, index)
+        assert edits.generate_edit("train", 0, index, uniform) == plain  # same random stream, bit for bit
+        edit = edits.generate_edit("train", 0, index, crowded)
+        sizes[edit.edit_type == "add", len(edit.source.objects)] += 1
+    # Adds need a free cell, so they take the largest allowed count below MAX_OBJECTS.
+    assert set(sizes) == {(False, spec.MAX_OBJECTS), (True, spec.MAX_OBJECTS - 1)}
+    with pytest.raises(RuntimeError, match="could not generate a count edit .* object_counts"):
+        edits.generate_edit("train", 0, 0, edits.WorldConfig(size=32, object_counts=(4,), edit_types=("count",)))
+    with pytest.raises(ValueError, match="object_counts must lie in"):
+        edits.WorldConfig(object_counts=(0, 2))

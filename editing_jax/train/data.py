@@ -9,36 +9,56 @@ from editing_jax.data import pipeline
 from editing_jax.data.world import edits
 
 
+def _draw_list(data_config, option: str) -> list[str]:
+    """`data.<option>` as a draw list: comma-separated items, each optionally `item:k` (listed k times)."""
+    items = []
+    for entry in str(data_config.get(option, "")).split(","):
+        item, _, weight = entry.strip().partition(":")
+        if not item:
+            continue
+        if weight and not (weight.isdigit() and int(weight) > 0):
+            raise ValueError(f"data.{option}: the weight of {item!r} must be a positive integer, got {weight!r}")
+        items.extend([item] * (int(weight) if weight else 1))
+    return items
+
+
 def world_edit_types(data_config) -> tuple[str, ...]:
     """The `data.edit_types` draw list: comma-separated names, each optionally `name:k` (drawn k times as often).
 
     '' or absent = every edit type of the world, uniformly. The world draws uniformly from the returned tuple, so
     `color:3,remove` yields ('color', 'color', 'color', 'remove'): three recolors for every removal.
     """
-    names = []
-    for item in str(data_config.get("edit_types", "")).split(","):
-        name, _, weight = item.strip().partition(":")
-        if not name:
-            continue
-        if weight and not (weight.isdigit() and int(weight) > 0):
-            raise ValueError(f"data.edit_types: the weight of {name!r} must be a positive integer, got {weight!r}")
-        names.extend([name] * (int(weight) if weight else 1))
-    return tuple(names) or edits.WorldConfig().edit_types
+    return tuple(_draw_list(data_config, "edit_types")) or edits.WorldConfig().edit_types
+
+
+def world_object_counts(data_config) -> tuple[int, ...]:
+    """The `data.object_counts` draw list of source-scene object counts, e.g. '1,2,3:2,4:2' -> (1, 2, 3, 3, 4, 4).
+
+    '' or absent = () (the world's own uniform draw). Applies to the train split only (`_source`).
+    """
+    counts = _draw_list(data_config, "object_counts")
+    if not all(count.isdigit() for count in counts):
+        raise ValueError(f"data.object_counts: expected object counts like '1,2,3:2,4:2', got {counts}")
+    return tuple(int(count) for count in counts)
 
 
 def _source(data_config, split: str, num_examples: int):
     placement = str(data_config.get("count_placement", "random"))
-    if data_config.source == "tfds" and placement != "random":
-        raise ValueError("data.count_placement applies to generated world data (source='world' or 'self_samples'); "
-                         "a tfds dataset keeps the placement it was generated with")  # fmt: skip
+    for option, changed in (("count_placement", placement != "random"),
+                            ("object_counts", bool(world_object_counts(data_config)))):  # fmt: skip
+        if data_config.source == "tfds" and changed:
+            raise ValueError(f"data.{option} applies to generated world data (source='world' or 'self_samples'); "
+                             "a tfds dataset keeps the scenes it was generated with")  # fmt: skip
     if data_config.source == "tfds":
         from editing_jax.data import tfds_world
 
         return tfds_world.load_world_source(data_config.data_dir, split)
     if data_config.source not in ("world", "self_samples"):
         raise ValueError(f"unknown data.source {data_config.source!r}; valid: world, tfds, self_samples")
+    train = split == "train"  # count placement and object counts shape training only: evaluation stays comparable
     world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config),
-                              count_placement=placement if split == "train" else "random")  # fmt: skip
+                              count_placement=placement if train else "random",
+                              object_counts=world_object_counts(data_config) if train else ())  # fmt: skip
     world_source = pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
     if data_config.source == "world" or split != "train":  # a self-sample run evaluates on the world
         return world_source

@@ -69,6 +69,9 @@ def world_data_config(size: int, *, batch_size: int, num_eval_examples: int) -> 
             # source='world': where a count edit's target puts added copies and which it removes ('random' or
             # 'reading_order', data/world/edits.py WorldConfig.count_placement); val and test evaluation are unchanged.
             "count_placement": "random",
+            # source='world', train split only: draw list of source-scene object counts, `n:k` drawn k times as often
+            # ('1,2,3:2,4:2' doubles 3- and 4-object scenes; '' = uniform over 1..4 before the split's rejection).
+            "object_counts": "",
             "num_train_examples": 100_000,
             "shuffle_seed": 0,
             "batch_size": batch_size,  # Global batch size.

@@ -35,6 +35,10 @@ class WorldConfig:
     # order are removed, so the target is a function of the source and the instruction, which a deterministic decoder
     # can learn; every other sample, and every count edit's source and instruction, stay the same.
     count_placement: str = "random"
+    # Object counts of source scenes, drawn uniformly from this tuple (repeat a count to draw it more often); () draws
+    # uniformly from [min_objects, max_objects]. Adds draw only counts below MAX_OBJECTS (their target needs a free
+    # cell). The split's rejection step still acts, so the realized mix differs (data.object_counts in configs).
+    object_counts: tuple[int, ...] = ()
 
     def __post_init__(self):
         unknown = set(self.edit_types) - set(spec.EDIT_TYPES)
@@ -44,6 +48,10 @@ class WorldConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {spec.MAX_OBJECTS}")
         if self.size < 24:
             raise ValueError(f"size must be at least 24 pixels, got {self.size}")
+        if any(not self.min_objects <= n <= self.max_objects for n in self.object_counts):
+            raise ValueError(
+                f"object_counts must lie in [{self.min_objects}, {self.max_objects}], got {self.object_counts}"
+            )
         if self.count_placement not in COUNT_PLACEMENTS:
             raise ValueError(f"count_placement must be one of {COUNT_PLACEMENTS}, got {self.count_placement!r}")
 
@@ -238,7 +246,8 @@ def _propose_edit(rng: np.random.Generator, config: WorldConfig, edit_type: str)
     if edit_type == "add":
         hi = min(hi, spec.MAX_OBJECTS - 1)
         lo = min(lo, hi)
-    num_objects = int(rng.integers(lo, hi + 1))
+    counts = [n for n in config.object_counts if n <= hi] or [min(max(n, lo), hi) for n in config.object_counts]
+    num_objects = int(counts[rng.integers(len(counts))] if counts else rng.integers(lo, hi + 1))
     source = _random_scene(rng, config, num_objects)
     used = {o.composition for o in source.objects}
 
@@ -354,7 +363,10 @@ def generate_edit(split: str, seed: int, index: int, config: WorldConfig = World
         edit = _propose_edit(rng, config, edit_type)
         if edit is not None and _split_ok(edit, split, held_out):
             return edit
-    raise RuntimeError(f"could not generate a {edit_type} edit for {split}/{seed}/{index}")
+    raise RuntimeError(
+        f"could not generate a {edit_type} edit for {split}/{seed}/{index} with min_objects="
+        f"{config.min_objects}, max_objects={config.max_objects}, object_counts={config.object_counts}"
+    )
 
 
 def _keyword_span(instruction: str, keyword: str) -> tuple[int, int]:
