@@ -246,7 +246,7 @@ def _propose_edit(rng: np.random.Generator, config: WorldConfig, edit_type: str)
     if edit_type == "add":
         hi = min(hi, spec.MAX_OBJECTS - 1)
         lo = min(lo, hi)
-    counts = [n for n in config.object_counts if n <= hi] or [min(max(n, lo), hi) for n in config.object_counts]
+    counts = [n for n in config.object_counts if n <= hi] or ([hi] if config.object_counts else [])
     num_objects = int(counts[rng.integers(len(counts))] if counts else rng.integers(lo, hi + 1))
     source = _random_scene(rng, config, num_objects)
     used = {o.composition for o in source.objects}
