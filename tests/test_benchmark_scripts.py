@@ -86,6 +86,16 @@ def test_oracle_hold_reverts_exactly_the_tokens_the_target_keeps():
     np.testing.assert_allclose([mean["verifier_success"], mean["preservation_l1"]], [2 / 3, 0.3])  # NaN L1 skipped
 
 
+def test_pixel_snap_reverts_only_pixels_within_the_tolerance_of_the_source():
+    probe = load_benchmark("pixel_snap_probe")
+    source = np.zeros((1, 1, 3, 3), np.uint8)  # [B, H, W, 3]
+    images = np.asarray([[[[8, 0, 0], [0, 0, 9], [200, 10, 250]]]], np.uint8)  # max channel differences 8, 9, 250
+    np.testing.assert_array_equal(probe.snap_to_source(images, source, 8)[0, 0], [[0, 0, 0], [0, 0, 9], [200, 10, 250]])
+    np.testing.assert_array_equal(probe.snap_to_source(images, source, 0), images)
+    np.testing.assert_array_equal(probe.snap_to_source(images, source, 255), source)
+    assert probe.snap_to_source(images, source, 8).dtype == np.uint8
+
+
 def test_grounding_sorts_objects_into_referent_distractor_and_unrelated():
     grounding = load_benchmark("mgt_grounding")
     red_circle = spec.SceneObject(cell="top-left", kind="circle", color="red", size="large", style="filled")
