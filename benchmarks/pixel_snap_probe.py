@@ -51,6 +51,8 @@ def main() -> None:
     sums = {(name, t): dict.fromkeys(OUTCOME_SUMS, 0.0) for name in SETTINGS for t in tolerances}
     for index, raw in enumerate(inference.world_split_batches(editor, args.split, args.num)):
         batch = editor.model.prepare_batch(raw)
+        # Region hold at the checkpoint's lambda (None) and plain decoding (lambda 0), with the same seed.
+        lambdas = {"plain": 0.0, "hold": None}
         outputs = {
             name: editmgt.run_edits(
                 edit_fn,
@@ -59,8 +61,8 @@ def main() -> None:
                 batch,
                 settings,
                 seed=index,
-                region_hold_threshold=0.0 if name == "plain" else None,
-            )  # fmt: skip
+                region_hold_threshold=lambdas[name],
+            )
             for name in SETTINGS
         }
         source = np.asarray(batch["source_image"])  # [B, H, W, 3] uint8

@@ -44,12 +44,12 @@ def world_object_counts(data_config) -> tuple[int, ...]:
 
 def _source(data_config, split: str, num_examples: int):
     placement = str(data_config.get("count_placement", "random"))
-    for option, changed in (("count_placement", placement != "random"),
-                            ("object_counts", bool(world_object_counts(data_config)))):  # fmt: skip
-        if data_config.source == "tfds" and changed:
-            raise ValueError(f"data.{option} applies to generated world data (source='world' or 'self_samples'); "
-                             "a tfds dataset keeps the scenes it was generated with")  # fmt: skip
+    object_counts = world_object_counts(data_config)
     if data_config.source == "tfds":
+        for option, changed in (("count_placement", placement != "random"), ("object_counts", bool(object_counts))):
+            if changed:
+                raise ValueError(f"data.{option} applies to generated world data (source='world' or 'self_samples'); "
+                                 "a tfds dataset keeps the scenes it was generated with")  # fmt: skip
         from editing_jax.data import tfds_world
 
         return tfds_world.load_world_source(data_config.data_dir, split)
@@ -58,9 +58,9 @@ def _source(data_config, split: str, num_examples: int):
     train = split == "train"  # count placement and object counts shape training only: evaluation stays comparable
     world = edits.WorldConfig(size=int(data_config.size), edit_types=world_edit_types(data_config),
                               count_placement=placement if train else "random",
-                              object_counts=world_object_counts(data_config) if train else ())  # fmt: skip
+                              object_counts=object_counts if train else ())  # fmt: skip
     world_source = pipeline.WorldSource(split, num_examples, int(data_config.seed), world)
-    if data_config.source == "world" or split != "train":  # a self-sample run evaluates on the world
+    if data_config.source == "world" or not train:  # a self-sample run evaluates on the world
         return world_source
     from editing_jax.data import self_samples
 
